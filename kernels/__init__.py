@@ -1,0 +1,1 @@
+"""Triton kernels of vllm-emosteer; installed as `vllm_emosteer.kernels`."""

@@ -1,0 +1,13 @@
+"""vllm-emosteer: per-request emotion steering for vLLM (Emotion Vectors, Dong et al., arXiv 2502.04075)."""
+
+from .spec import SteeringError, steer
+
+__version__ = "0.1.0"
+__all__ = ["SteeringError", "register", "steer"]
+
+
+def register() -> None:
+    """Entry point of the `vllm.general_plugins` group; vLLM calls it in every process."""
+    from .plugin import install
+
+    install()

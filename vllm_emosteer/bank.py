@@ -1,0 +1,204 @@
+"""The emotion-vector file ("bank"): one safetensors tensor [L, E, H] plus JSON metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "vllm-emosteer-bank"
+FORMAT_VERSION = 1
+HOOKS = ("attn_out", "residual")
+TENSOR_NAME = "vectors"
+FINGERPRINT_KEYS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+
+logger = logging.getLogger(__name__)
+
+
+class BankError(ValueError):
+    """A vectors file that cannot be read or does not fit the model."""
+
+
+def text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if get is not None else config
+
+
+def config_fingerprint(config) -> str:
+    cfg = text_config(config)
+    values = {key: getattr(cfg, key, None) for key in FINGERPRINT_KEYS}
+    if not values["architectures"]:
+        values["architectures"] = getattr(config, "architectures", None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_facts(config, name: str | None = None) -> dict:
+    cfg = text_config(config)
+    architectures = getattr(config, "architectures", None) or getattr(cfg, "architectures", None) or []
+    return {
+        "name": name,
+        "architecture": architectures[0] if architectures else None,
+        "hidden_size": int(cfg.hidden_size),
+        "num_layers": int(cfg.num_hidden_layers),
+        "config_fingerprint": config_fingerprint(config),
+    }
+
+
+@dataclass
+class EmotionBank:
+    vectors: torch.Tensor  # [L, E, H] float32
+    emotions: list[str]
+    hook: str
+    layers: list[int]  # model layer index of each row of `vectors`
+    model: dict = field(default_factory=dict)  # architecture, hidden_size, num_layers, config_fingerprint, name
+    recipe: dict = field(default_factory=dict)
+    calibration: dict[str, float] = field(default_factory=dict)  # emotion -> alpha that intensity 1.0 means
+
+    def __post_init__(self):
+        self.vectors = self.vectors.detach().to(torch.float32).contiguous()
+        self.emotions = [e.lower() for e in self.emotions]
+        self.layers = [int(x) for x in self.layers]
+        self._check_consistent()
+
+    def _check_consistent(self):
+        if self.vectors.dim() != 3:
+            raise BankError(f"vectors must be [layers, emotions, hidden], got shape {list(self.vectors.shape)}")
+        L, E, H = self.vectors.shape
+        if len(self.emotions) != E or len(set(self.emotions)) != E:
+            raise BankError(f"bank has {E} emotion rows but emotion names {self.emotions}")
+        if len(self.layers) != L or len(set(self.layers)) != L or any(x < 0 for x in self.layers):
+            raise BankError(f"bank has {L} layer rows but layer indices {self.layers}")
+        if self.hook not in HOOKS:
+            raise BankError(f"unknown hook point {self.hook!r}; known: {list(HOOKS)}")
+        if self.model.get("hidden_size") not in (None, H):
+            raise BankError(f"metadata says hidden size {self.model['hidden_size']}, tensor has {H}")
+        if not torch.isfinite(self.vectors).all():
+            raise BankError("vectors contain NaN or inf")
+        unknown = set(self.calibration) - set(self.emotions)
+        if unknown:
+            raise BankError(f"calibration names emotions not in the bank: {sorted(unknown)}")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vectors.shape[2]
+
+    def norms(self) -> torch.Tensor:
+        return self.vectors.norm(dim=-1)  # [L, E]
+
+    def scale(self, emotion: str) -> float:
+        return float(self.calibration.get(emotion, 1.0))
+
+    def metadata(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "emotions": self.emotions,
+            "hook": self.hook,
+            "layers": self.layers,
+            "model": self.model,
+            "recipe": self.recipe,
+            "calibration": self.calibration,
+            "norms": [[round(float(v), 6) for v in row] for row in self.norms()],
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temporary file in the same folder, fsynced, then renamed over `path`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({TENSOR_NAME: self.vectors}, tmp, metadata={"emosteer": json.dumps(self.metadata())})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "EmotionBank":
+        path = Path(path)
+        if not path.is_file():
+            raise BankError(f"vectors file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw_meta = (f.metadata() or {}).get("emosteer")
+                if TENSOR_NAME not in f.keys():
+                    raise BankError(f"{path}: no '{TENSOR_NAME}' tensor; is this an emosteer vectors file?")
+                vectors = f.get_tensor(TENSOR_NAME)
+        except BankError:
+            raise
+        except Exception as exc:  # safetensors raises several types for corrupt or truncated files
+            raise BankError(f"{path}: not a readable safetensors file ({exc})") from exc
+        if raw_meta is None:
+            raise BankError(f"{path}: no emosteer metadata; is this an emosteer vectors file?")
+        try:
+            meta = json.loads(raw_meta)
+        except json.JSONDecodeError as exc:
+            raise BankError(f"{path}: corrupt metadata ({exc})") from exc
+        if meta.get("format") != FORMAT:
+            raise BankError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise BankError(
+                f"{path}: format version {meta['format_version']} is newer than this plugin's "
+                f"({FORMAT_VERSION}); upgrade vllm-emosteer"
+            )
+        try:
+            return cls(
+                vectors=vectors,
+                emotions=meta["emotions"],
+                hook=meta["hook"],
+                layers=meta["layers"],
+                model=meta.get("model", {}),
+                recipe=meta.get("recipe", {}),
+                calibration=meta.get("calibration", {}),
+            )
+        except KeyError as exc:
+            raise BankError(f"{path}: metadata lacks {exc}") from exc
+
+    def check_fits(self, config) -> None:
+        """Refuse a model this bank was not made for, saying what differs."""
+        facts = model_facts(config)
+        problems = []
+        if self.hidden_size != facts["hidden_size"]:
+            problems.append(f"vectors have hidden size {self.hidden_size}, model has {facts['hidden_size']}")
+        if max(self.layers) >= facts["num_layers"]:
+            problems.append(
+                f"vectors cover layers up to {max(self.layers)}, model has {facts['num_layers']} layers"
+            )
+        if self.model.get("num_layers") not in (None, facts["num_layers"]):
+            problems.append(
+                f"vectors were made for a {self.model['num_layers']}-layer model, model has {facts['num_layers']}"
+            )
+        arch = self.model.get("architecture")
+        if arch and facts["architecture"] and arch != facts["architecture"]:
+            problems.append(f"vectors were made for {arch}, model is {facts['architecture']}")
+        if problems:
+            raise BankError("vectors file does not fit the model: " + "; ".join(problems))
+        fingerprint = self.model.get("config_fingerprint")
+        if fingerprint and fingerprint != facts["config_fingerprint"]:
+            logger.warning(
+                "emosteer: the vectors were made for a model with another config (%s) than this one (%s); "
+                "shapes match, so they are used",
+                self.model.get("name") or fingerprint,
+                facts["config_fingerprint"],
+            )

@@ -1,0 +1,138 @@
+"""Engine-level options: `additional_config={"emosteer": {...}}` (`--additional-config` for `vllm serve`).
+
+    vectors        path of the vectors file; default: the bundled vectors, if they fit the model
+    max_intensity  largest |intensity| a request may ask for (default 8.0)
+    max_emotions   most emotions one request may mix (default: all in the file)
+    layers         [first, last]: steer only these model layers (default: every layer in the file)
+    mode           "fused" (default) or "naive" (a Python loop over requests in every layer; for benchmarks)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from .bank import BankError, EmotionBank, config_fingerprint
+from .spec import SteeringLimits
+
+CONFIG_KEY = "emosteer"
+OPTION_KEYS = ("vectors", "max_intensity", "max_emotions", "layers", "mode")
+MODES = ("fused", "naive")
+BUNDLED_VECTORS = "data/smollm2-135m-instruct.safetensors"
+
+
+class EmosteerConfigError(ValueError):
+    """The engine's emosteer options or vectors file are unusable; the engine refuses to start."""
+
+
+def bundled_vectors_path() -> Path:
+    return Path(str(resources.files("vllm_emosteer").joinpath(BUNDLED_VECTORS)))
+
+
+@lru_cache(maxsize=8)
+def _load_bank(path: str, mtime: float) -> EmotionBank:
+    return EmotionBank.load(path)
+
+
+def load_bank(path: Path) -> EmotionBank:
+    return _load_bank(str(path), path.stat().st_mtime if path.exists() else 0.0)
+
+
+@dataclass(frozen=True)
+class EmosteerOptions:
+    bank: EmotionBank
+    vectors_path: Path
+    max_intensity: float
+    max_emotions: int
+    layers: tuple[int, int] | None
+    mode: str
+    num_model_layers: int
+
+    @property
+    def limits(self) -> SteeringLimits:
+        return SteeringLimits(
+            emotions=tuple(self.bank.emotions),
+            num_layers=self.num_model_layers,
+            max_intensity=self.max_intensity,
+            max_emotions=self.max_emotions,
+        )
+
+    def steered_rows(self) -> list[int]:
+        """Rows of the bank whose layers get a hook."""
+        first, last = self.layers if self.layers else (0, self.num_model_layers - 1)
+        return [row for row, layer in enumerate(self.bank.layers) if first <= layer <= last]
+
+    def bank_digest(self) -> str:
+        return hashlib.sha256(self.bank.vectors.numpy().tobytes()).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        """What clients may discover about this server's steering."""
+        return {
+            "emotions": self.bank.emotions,
+            "hook": self.bank.hook,
+            "layers": [self.bank.layers[r] for r in self.steered_rows()],
+            "num_model_layers": self.num_model_layers,
+            "max_intensity": self.max_intensity,
+            "max_emotions": self.max_emotions,
+            "calibrated": dict(self.bank.calibration),
+            "positions": ["response", "all"],
+            "vectors": str(self.vectors_path),
+        }
+
+
+def is_enabled(vllm_config) -> bool:
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    return isinstance(extra, dict) and CONFIG_KEY in extra
+
+
+def options_from_vllm_config(vllm_config) -> EmosteerOptions:
+    raw = vllm_config.additional_config[CONFIG_KEY]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise EmosteerConfigError(f"additional_config.emosteer must be an object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(OPTION_KEYS))
+    if unknown:
+        raise EmosteerConfigError(f"unknown emosteer options {unknown}; known: {list(OPTION_KEYS)}")
+    hf_config = vllm_config.model_config.hf_config
+
+    if raw.get("vectors"):
+        path = Path(raw["vectors"]).expanduser()
+    else:
+        path = bundled_vectors_path()
+    try:
+        bank = load_bank(path)
+        if not raw.get("vectors") and bank.model.get("config_fingerprint") != config_fingerprint(hf_config):
+            raise BankError(
+                f"no vectors file given, and the bundled vectors are for {bank.model.get('name')}, not this model; "
+                "pass additional_config {\"emosteer\": {\"vectors\": PATH}} (make one with `vllm-emosteer extract`)"
+            )
+        bank.check_fits(hf_config)
+    except BankError as exc:
+        raise EmosteerConfigError(f"emosteer: {exc}") from None
+
+    num_layers = int(vllm_config.model_config.hf_text_config.num_hidden_layers)
+    max_intensity = raw.get("max_intensity", 8.0)
+    if isinstance(max_intensity, bool) or not isinstance(max_intensity, (int, float)) or not max_intensity > 0:
+        raise EmosteerConfigError(f"emosteer.max_intensity must be a positive number, got {max_intensity!r}")
+    max_emotions = raw.get("max_emotions", len(bank.emotions))
+    if isinstance(max_emotions, bool) or not isinstance(max_emotions, int) or max_emotions < 1:
+        raise EmosteerConfigError(f"emosteer.max_emotions must be a positive integer, got {max_emotions!r}")
+    layers = raw.get("layers")
+    if layers is not None:
+        if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) for x in layers)
+                and 0 <= layers[0] <= layers[1] < num_layers):
+            raise EmosteerConfigError(
+                f"emosteer.layers must be [first, last] with 0 <= first <= last < {num_layers}, got {layers!r}"
+            )
+        layers = tuple(layers)
+    mode = raw.get("mode", "fused")
+    if mode not in MODES:
+        raise EmosteerConfigError(f"emosteer.mode must be one of {list(MODES)}, got {mode!r}")
+    options = EmosteerOptions(bank, path, float(max_intensity), max_emotions, layers, mode, num_layers)
+    if not options.steered_rows():
+        raise EmosteerConfigError(f"emosteer.layers {layers} selects none of the file's layers {bank.layers}")
+    return options

@@ -1,0 +1,239 @@
+"""The vLLM general plugin: `register()` runs in every vLLM process (front-end, engine core, workers, Ray actors).
+
+It installs version-guarded wrappers on vLLM 0.32/0.33 classes. Each wrapper does nothing unless the engine's
+`additional_config` has an "emosteer" entry, so installing the package changes nothing by itself.
+
+* EngineArgs.create_engine_config (front-end): checks the options and the vectors file at start-up, so a bad
+  file stops the engine with one clear message; on CUDA it selects the V1 model runner (notice logged).
+* InputProcessor.process_inputs (front-end, `LLM` and `vllm serve` alike): validates each request's steering
+  before anything is scheduled (SteeringError: ValueError for `LLM`, HTTP 400 for the server) and salts the
+  prefix cache of steered requests with the spec's fingerprint.
+* V1 model runner (workers): load_model installs buffers and hooks; execute_model releases finished and
+  preempted requests; _model_forward (real batches only) fills the per-token rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import numpy as np
+
+logger = logging.getLogger("vllm_emosteer")
+_installed = False
+
+
+def _wrap(cls, name: str, make):
+    original = getattr(cls, name)
+    if getattr(original, "_emosteer_wrapped", False):
+        return
+    wrapper = functools.wraps(original)(make(original))
+    wrapper._emosteer_wrapped = True
+    setattr(cls, name, wrapper)
+
+
+def combined_salt(user_salt: str | None, fingerprint: str) -> str:
+    return f"{user_salt}|emo-{fingerprint}" if user_salt else f"emo-{fingerprint}"
+
+
+# ---- front-end ---------------------------------------------------------------------------------------------
+def _patch_engine_args():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    from .options import CONFIG_KEY, is_enabled, options_from_vllm_config
+
+    def make(original):
+        def create_engine_config(self, *args, **kwargs):
+            extra = self.additional_config if isinstance(self.additional_config, dict) else {}
+            if CONFIG_KEY in extra and not current_platform.is_cpu() and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+                logger.warning("emosteer: using vLLM's V1 model runner (Model Runner V2 is not supported yet)")
+            config = original(self, *args, **kwargs)
+            if is_enabled(config):
+                options = options_from_vllm_config(config)
+                _check_engine_features(config, options)
+                logger.info("emosteer: steering enabled: %s", options.describe())
+            return config
+
+        return create_engine_config
+
+    _wrap(EngineArgs, "create_engine_config", make)
+
+
+def _check_engine_features(config, options) -> None:
+    from .hooks import check_architecture
+    from .options import EmosteerConfigError
+
+    architectures = config.model_config.architectures or [None]
+    try:
+        check_architecture(architectures[0])
+    except ValueError as exc:
+        raise EmosteerConfigError(str(exc)) from None
+    parallel = config.parallel_config
+    problems = []
+    if getattr(parallel, "enable_dbo", False):
+        problems.append("dual-batch overlap (--enable-dbo) splits the batch into micro-batches")
+    if getattr(parallel, "prefill_context_parallel_size", 1) > 1:
+        problems.append("prefill context parallelism splits tokens across ranks")
+    if config.speculative_config is not None:
+        problems.append("speculative decoding is not supported yet")
+    if options.mode == "naive" and config.compilation_config.mode != 0:
+        problems.append("mode 'naive' (a Python loop per request) needs enforce_eager=True")
+    if problems:
+        raise EmosteerConfigError("emosteer cannot steer this engine: " + "; ".join(problems))
+
+
+def _frontend_options(processor):
+    options = getattr(processor, "_emosteer_options", None)
+    if options is None:
+        from .options import options_from_vllm_config
+
+        options = options_from_vllm_config(processor.vllm_config)
+        processor._emosteer_options = options
+    return options
+
+
+def _patch_input_processor():
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from . import metrics
+    from .options import is_enabled
+    from .spec import SteeringError, has_steering_args, parse_steering
+
+    def make(original):
+        def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+            spec = options = None
+            if isinstance(params, SamplingParams):
+                if is_enabled(self.vllm_config):
+                    options = _frontend_options(self)
+                    spec = parse_steering(params.extra_args, options.limits)
+                elif has_steering_args(params.extra_args):
+                    raise SteeringError(
+                        "this engine was started without steering; start it with "
+                        "additional_config {\"emosteer\": {}} to use emotions",
+                        "emosteer",
+                    )
+            request = original(self, request_id, prompt, params, *args, **kwargs)
+            if spec is not None:
+                request.cache_salt = combined_salt(request.cache_salt, f"{options.bank_digest()}-{spec.fingerprint()}")
+            if options is not None:
+                metrics.count_request(spec)
+            return request
+
+        return process_inputs
+
+    _wrap(InputProcessor, "process_inputs", make)
+
+
+# ---- workers -----------------------------------------------------------------------------------------------
+def install_steering(runner) -> None:
+    """Build the steering state of a V1 model runner whose model has just loaded, and hook the model."""
+    from .hooks import install_hooks
+    from .options import options_from_vllm_config
+    from .runtime import SteeringRuntime
+
+    options = options_from_vllm_config(runner.vllm_config)
+    runtime = SteeringRuntime(options, runner.max_num_tokens, runner.max_num_reqs, runner.device)
+    rows = {options.bank.layers[row]: row for row in options.steered_rows()}
+    runtime.handles = install_hooks(runner.get_model(), runtime, options.bank.hook, rows)
+    if not runtime.handles and runner.vllm_config.parallel_config.pipeline_parallel_size == 1:
+        raise RuntimeError("emosteer: no layer could be hooked; refusing to run unsteered")
+    runner._emosteer = runtime
+    logger.info(
+        "emosteer: hooked %d layers at %s on %s (%s)", len(runtime.handles), options.bank.hook,
+        runner.device, "Triton kernel" if runner.device.type == "cuda" else "torch op",
+    )
+
+
+def _prepare_step(runner) -> None:
+    runtime = runner._emosteer
+    batch = runner.input_batch
+    n = batch.num_reqs
+    counts = np.diff(runner.query_start_loc.np[: n + 1])
+    runtime.prepare(
+        batch.req_ids[:n], runner.requests, counts, batch.num_computed_tokens_cpu[:n], runner.query_pos.np
+    )
+
+
+def _patch_v1_runner():
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from .options import is_enabled
+
+    def make_load(original):
+        def load_model(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            if is_enabled(self.vllm_config):
+                install_steering(self)
+            return result
+
+        return load_model
+
+    def make_execute(original):
+        def execute_model(self, scheduler_output, *args, **kwargs):
+            runtime = getattr(self, "_emosteer", None)
+            if runtime is not None:
+                runtime.forget(scheduler_output.finished_req_ids)
+                if scheduler_output.preempted_req_ids:
+                    runtime.forget(scheduler_output.preempted_req_ids)
+            return original(self, scheduler_output, *args, **kwargs)
+
+        return execute_model
+
+    def make_forward(original):
+        def _model_forward(self, *args, **kwargs):
+            if getattr(self, "_emosteer", None) is not None:
+                _prepare_step(self)
+            return original(self, *args, **kwargs)
+
+        return _model_forward
+
+    runners = [GPUModelRunner]
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        runners.append(CPUModelRunner)
+    for cls in runners:
+        if "load_model" in cls.__dict__:
+            _wrap(cls, "load_model", make_load)
+    _wrap(GPUModelRunner, "execute_model", make_execute)
+    _wrap(GPUModelRunner, "_model_forward", make_forward)
+
+
+def _patch_v2_runner():
+    """Model Runner V2 is not supported yet: refuse to start rather than run unsteered."""
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+    except Exception:  # not present in this build
+        return
+    from .options import is_enabled
+
+    def make(original):
+        def load_model(self, *args, **kwargs):
+            if is_enabled(self.vllm_config):
+                raise RuntimeError(
+                    "emosteer: vLLM chose Model Runner V2, which emosteer does not support yet; "
+                    "set VLLM_USE_V2_MODEL_RUNNER=0"
+                )
+            return original(self, *args, **kwargs)
+
+        return load_model
+
+    _wrap(V2Runner, "load_model", make)
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    from . import ops  # noqa: F401  registers torch.ops.emosteer.steer_add_
+
+    _patch_engine_args()
+    _patch_input_processor()
+    _patch_v1_runner()
+    _patch_v2_runner()
+    _installed = True

@@ -1,0 +1,113 @@
+"""Per-step steering state of one model runner: persistent buffers refreshed in place before each forward.
+
+* `coeff[slot, L, E]` (fp32): each steered request owns a slot while it is scheduled; its alphas are
+  written once, when it gets the slot (zero outside the request's layer range).
+* `row_of_token[T_max]` (int32): for each token of the flattened batch, its request's slot, or -1 when the
+  token is not steered (unsteered request, prompt token in "response" mode, padding).
+
+Both are allocated once, before profiling, compilation and graph capture, and never reallocated; the op
+reads them as tensors, so a compiled graph or a CUDA graph sees new values at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from vllm.v1.utils import CpuGpuBuffer
+
+from .options import EmosteerOptions
+from .spec import SteeringError, SteeringSpec, parse_steering
+
+logger = logging.getLogger("vllm_emosteer")
+UNSTEERED = -1
+NEVER = np.iinfo(np.int64).max
+
+
+class SteeringRuntime:
+    def __init__(self, options: EmosteerOptions, max_tokens: int, max_slots: int, device: torch.device):
+        self.options = options
+        bank = options.bank
+        self.limits = options.limits
+        L, E, _ = bank.vectors.shape
+        self.bank = bank.vectors.to(device)  # fp32 [L, E, H]
+        self.scales = np.array([bank.scale(e) for e in bank.emotions], dtype=np.float32)
+        self.layer_of_row = np.array(bank.layers)
+        pin = device.type == "cuda"
+        self.rows = CpuGpuBuffer(max_tokens, dtype=torch.int32, device=device, pin_memory=pin)
+        self.coeff = CpuGpuBuffer(max_slots, L, E, dtype=torch.float32, device=device, pin_memory=pin)
+        if device.type == "cpu":  # one tensor serves both sides
+            self.rows.gpu = self.rows.cpu
+            self.coeff.gpu = self.coeff.cpu
+        self.rows.np.fill(UNSTEERED)
+        self.rows.gpu.fill_(UNSTEERED)
+        self.start_of_slot = np.zeros(max_slots, dtype=np.int64)  # first steered position of the slot's request
+        self.slot_of: dict[str, int] = {}  # scheduled request -> slot (UNSTEERED for unsteered requests)
+        self.free_slots = list(range(max_slots - 1, -1, -1))
+        self.coeff_dirty = False
+        self.steered_upto = 0  # rows[:steered_upto] may hold stale slots
+
+    # ---- request lifetime -------------------------------------------------------------------------------
+    def forget(self, req_ids) -> None:
+        """Finished, aborted or preempted requests give their slot back."""
+        for req_id in req_ids:
+            slot = self.slot_of.pop(req_id, UNSTEERED)
+            if slot != UNSTEERED:
+                self.free_slots.append(slot)
+
+    def _spec_of(self, req_id: str, request) -> SteeringSpec | None:
+        params = getattr(request, "sampling_params", None)
+        try:
+            return parse_steering(getattr(params, "extra_args", None), self.limits)
+        except SteeringError as exc:  # the front-end validated it; never raise inside the worker
+            logger.error("emosteer: request %s left unsteered, invalid spec reached the worker: %s", req_id, exc)
+            return None
+
+    def _admit(self, req_id: str, request, scheduled: set[str]) -> None:
+        spec = self._spec_of(req_id, request)
+        if spec is None:
+            self.slot_of[req_id] = UNSTEERED
+            return
+        if not self.free_slots:  # slots of requests that are not in this batch are reclaimed
+            self.forget([r for r in list(self.slot_of) if r not in scheduled])
+        slot = self.free_slots.pop()
+        self.slot_of[req_id] = slot
+        alphas = np.zeros(len(self.scales), dtype=np.float32)
+        for emotion, intensity in spec.intensities:
+            e = self.limits.emotions.index(emotion)
+            alphas[e] = intensity if spec.raw else intensity * self.scales[e]
+        first, last = spec.layers if spec.layers else (0, self.limits.num_layers - 1)
+        in_range = (self.layer_of_row >= first) & (self.layer_of_row <= last)
+        self.coeff.np[slot] = in_range[:, None] * alphas[None, :]
+        self.start_of_slot[slot] = 0 if spec.positions == "all" else max(request.num_prompt_tokens - 1, 0)
+        self.coeff_dirty = True
+
+    # ---- per step ---------------------------------------------------------------------------------------
+    def prepare(self, req_ids: list[str], requests: dict, num_tokens_per_req: np.ndarray,
+                num_computed: np.ndarray, query_pos: np.ndarray) -> None:
+        """Fill row_of_token for this step's flattened batch (requests in batch-row order)."""
+        if any(r not in self.slot_of for r in req_ids):
+            scheduled = set(req_ids)
+            for req_id in req_ids:
+                if req_id not in self.slot_of:
+                    self._admit(req_id, requests[req_id], scheduled)
+        if self.coeff_dirty:
+            self.coeff.copy_to_gpu()
+            self.coeff_dirty = False
+        slots = np.fromiter((self.slot_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
+        total = int(num_tokens_per_req.sum())
+        if (slots == UNSTEERED).all():
+            if self.steered_upto:
+                self.rows.np[: self.steered_upto] = UNSTEERED
+                self.rows.copy_to_gpu(self.steered_upto)
+                self.steered_upto = 0
+            return
+        token_slot = np.repeat(slots, num_tokens_per_req)
+        positions = np.repeat(num_computed, num_tokens_per_req) + query_pos[:total]
+        first_steered = np.where(token_slot >= 0, self.start_of_slot[token_slot], NEVER)
+        self.rows.np[:total] = np.where(positions >= first_steered, token_slot, UNSTEERED)
+        stale = max(self.steered_upto, total)
+        self.rows.np[total:stale] = UNSTEERED
+        self.rows.copy_to_gpu(stale)
+        self.steered_upto = total

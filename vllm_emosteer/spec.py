@@ -1,0 +1,198 @@
+"""Per-request steering specs: parse either request form, validate, fingerprint.
+
+Two request forms are accepted, both inside `SamplingParams.extra_args`:
+
+* nested (Python engine): ``{"emosteer": {"emotions": {"joy": 2.0}, "positions": "response",
+  "layers": [20, 29]}}``
+* flat (OpenAI ``vllm_xargs``, which allows no nested objects): ``{"emotion": "joy", "intensity": 2.0}``
+  or ``{"emotions": ["joy", "fear"], "intensities": [2.0, 0.5]}``, plus ``steer_positions`` and
+  ``steer_layers`` (``[first, last]``).
+
+Intensities are multiplied by the bank's per-emotion calibrated scale (1.0 for uncalibrated banks) to give
+the alpha added at every steered layer; ``"raw": true`` (flat: ``steer_raw``) uses them as alphas directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from vllm.exceptions import VLLMValidationError
+
+POSITION_MODES = ("response", "all")
+FLAT_KEYS = ("emotion", "intensity", "emotions", "intensities", "steer_positions", "steer_layers", "steer_raw")
+NESTED_KEYS = ("emotions", "positions", "layers", "raw")
+
+
+class SteeringError(VLLMValidationError, ValueError):
+    """Invalid steering input. A ValueError for `LLM.generate`, an HTTP 400 for `vllm serve`."""
+
+    def __init__(self, message: str, parameter: str, value=None):
+        super().__init__(f"emosteer: {message}", parameter=parameter, value=value)
+
+
+@dataclass(frozen=True)
+class SteeringLimits:
+    """What a running engine accepts; built from the bank and the engine's emosteer options."""
+
+    emotions: tuple[str, ...]
+    num_layers: int
+    max_intensity: float
+    max_emotions: int
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    intensities: tuple[tuple[str, float], ...]  # sorted by emotion name, zeros dropped
+    positions: str = "response"
+    layers: tuple[int, int] | None = None  # inclusive range of bank layer rows
+    raw: bool = False
+
+    def fingerprint(self) -> str:
+        canonical = json.dumps(
+            [self.intensities, self.positions, self.layers, self.raw], separators=(",", ":")
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _fail(message: str, parameter: str, value=None):
+    raise SteeringError(message, parameter, value)
+
+
+def _number(value, parameter: str, limits: SteeringLimits) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(f"{parameter} must be a number, got {type(value).__name__} {value!r}", parameter, value)
+    value = float(value)
+    if not math.isfinite(value):
+        _fail(f"{parameter} must be finite, got {value}", parameter, value)
+    if abs(value) > limits.max_intensity:
+        _fail(
+            f"{parameter}={value} is outside the allowed range "
+            f"[-{limits.max_intensity}, {limits.max_intensity}] (option max_intensity)",
+            parameter,
+            value,
+        )
+    return value
+
+
+def _emotion(name, parameter: str, limits: SteeringLimits) -> str:
+    if not isinstance(name, str) or name.lower() not in limits.emotions:
+        _fail(
+            f"unknown emotion {name!r} in {parameter}; this server knows {list(limits.emotions)}",
+            parameter,
+            name,
+        )
+    return name.lower()
+
+
+def _nested_parts(block):
+    if not isinstance(block, dict):
+        _fail(f"'emosteer' must be an object, got {type(block).__name__}", "emosteer", block)
+    unknown = sorted(set(block) - set(NESTED_KEYS))
+    if unknown:
+        _fail(f"unknown keys {unknown} in 'emosteer'; allowed: {list(NESTED_KEYS)}", "emosteer", unknown)
+    emotions = block.get("emotions", {})
+    if not isinstance(emotions, dict):
+        _fail(
+            "emosteer.emotions must be an object like {\"joy\": 2.0}, "
+            f"got {type(emotions).__name__}",
+            "emosteer.emotions",
+            emotions,
+        )
+    pairs = [(name, value, "emosteer.emotions", f"emosteer.emotions.{name}") for name, value in emotions.items()]
+    return pairs, block.get("positions"), block.get("layers"), block.get("raw")
+
+
+def _flat_parts(extra_args: dict):
+    pairs = []
+    if "emotion" in extra_args or "intensity" in extra_args:
+        if "emotion" not in extra_args:
+            _fail("'intensity' given without 'emotion'", "emotion")
+        pairs.append((extra_args["emotion"], extra_args.get("intensity", 1.0), "emotion", "intensity"))
+    if "emotions" in extra_args or "intensities" in extra_args:
+        names = extra_args.get("emotions")
+        values = extra_args.get("intensities")
+        if not isinstance(names, list) or not isinstance(values, list):
+            _fail("'emotions' and 'intensities' must both be lists", "emotions", names)
+        if len(names) != len(values):
+            _fail(
+                f"'emotions' has {len(names)} entries but 'intensities' has {len(values)}",
+                "intensities",
+                values,
+            )
+        pairs += [(n, v, "emotions", f"intensities[{i}]") for i, (n, v) in enumerate(zip(names, values))]
+    return pairs, extra_args.get("steer_positions"), extra_args.get("steer_layers"), extra_args.get("steer_raw")
+
+
+def has_steering_args(extra_args) -> bool:
+    return isinstance(extra_args, dict) and (
+        "emosteer" in extra_args or any(key in extra_args for key in FLAT_KEYS)
+    )
+
+
+def parse_steering(extra_args, limits: SteeringLimits) -> SteeringSpec | None:
+    """The validated spec of a request, or None when it asks for no steering (or only zero intensities).
+
+    Raises SteeringError naming the offending field."""
+    if not has_steering_args(extra_args):
+        return None
+    if "emosteer" in extra_args:
+        if any(key in extra_args for key in FLAT_KEYS):
+            _fail("give either the nested 'emosteer' object or the flat keys, not both", "emosteer")
+        pairs, positions, layers, raw = _nested_parts(extra_args["emosteer"])
+        names = {"positions": "emosteer.positions", "layers": "emosteer.layers", "raw": "emosteer.raw"}
+    else:
+        pairs, positions, layers, raw = _flat_parts(extra_args)
+        names = {"positions": "steer_positions", "layers": "steer_layers", "raw": "steer_raw"}
+
+    intensities: dict[str, float] = {}
+    for name, value, name_parameter, value_parameter in pairs:
+        emotion = _emotion(name, name_parameter, limits)
+        if emotion in intensities:
+            _fail(f"emotion {emotion!r} given twice", name_parameter, name)
+        intensities[emotion] = _number(value, value_parameter, limits)
+    if len(intensities) > limits.max_emotions:
+        _fail(
+            f"{len(intensities)} emotions given, at most {limits.max_emotions} allowed (option max_emotions)",
+            "emosteer.emotions" if "emosteer" in extra_args else "emotions",
+        )
+
+    if positions is None:
+        positions = "response"
+    if positions not in POSITION_MODES:
+        _fail(f"unknown position mode {positions!r}; allowed: {list(POSITION_MODES)}", names["positions"], positions)
+
+    if layers is not None:
+        valid = (
+            isinstance(layers, (list, tuple))
+            and len(layers) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+        )
+        if not valid or not 0 <= layers[0] <= layers[1] < limits.num_layers:
+            _fail(
+                f"{names['layers']} must be [first, last] with 0 <= first <= last < {limits.num_layers}, "
+                f"got {layers!r}",
+                names["layers"],
+                layers,
+            )
+        layers = (layers[0], layers[1])
+
+    if raw is None:
+        raw = False
+    if not isinstance(raw, bool):
+        _fail(f"{names['raw']} must be true or false, got {raw!r}", names["raw"], raw)
+
+    active = tuple(sorted((e, v) for e, v in intensities.items() if v != 0.0))
+    if not active:
+        return None
+    return SteeringSpec(active, positions, layers, raw)
+
+
+def steer(positions: str = "response", layers: tuple[int, int] | None = None, raw: bool = False, **emotions):
+    """The `extra_args` for a steered request: `SamplingParams(extra_args=steer(joy=2.0, fear=0.5))`."""
+    block: dict = {"emotions": dict(emotions), "positions": positions, "raw": raw}
+    if layers is not None:
+        block["layers"] = list(layers)
+    return {"emosteer": block}
