@@ -65,7 +65,7 @@ def _assemble(per_emotion: dict[str, dict[int, np.ndarray]], hook: str, model: d
         for row, layer in enumerate(layers):
             if layer in table:
                 vectors[row, e] = torch.from_numpy(np.asarray(table[layer], dtype=np.float32).reshape(hidden))
-    return EmotionBank(vectors, list(per_emotion), hook, layers, {"hidden_size": hidden, **model}, recipe)
+    return EmotionBank(vectors, list(per_emotion), hook, layers, {**model, "hidden_size": hidden}, recipe)
 
 
 def import_paper_json(paths: list[Path], model: dict | None = None) -> EmotionBank:

@@ -1,0 +1,65 @@
+"""Extraction equals a reference computed one sample at a time from transformers' own activations."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vllm_emosteer.extract import extract
+
+
+def reference_vectors(model, samples, emotions, hook):
+    """Unbatched, unpadded: o_proj output (attn_out) or output_hidden_states (residual)."""
+    layers = model.model.layers
+    per_sample = []
+    for s in samples:
+        ids = torch.tensor([s.prompt_ids + s.answer_ids])
+        captured = {}
+        handles = [layer.self_attn.o_proj.register_forward_hook(
+            lambda m, a, out, i=i: captured.__setitem__(i, out[0])) for i, layer in enumerate(layers)]
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        for h in handles:
+            h.remove()
+        first, end = max(len(s.prompt_ids) - 1, 1), len(s.prompt_ids) + len(s.answer_ids)
+        if hook == "attn_out":
+            acts = [captured[i][first:end].double().mean(0) for i in range(len(layers))]
+        else:
+            acts = [out.hidden_states[i + 1][0, first:end].double().mean(0) for i in range(len(layers))]
+        per_sample.append(torch.stack(acts))
+    per_sample = torch.stack(per_sample)
+    rows = []
+    for e in emotions:
+        emo = [i for i, s in enumerate(samples) if s.emotion == e and s.condition == "emotional"]
+        neu = [i for i, s in enumerate(samples) if s.emotion == e and s.condition == "neutral"]
+        rows.append(per_sample[emo].mean(0) - per_sample[neu].mean(0))
+    return torch.stack(rows, dim=1)
+
+
+@pytest.mark.parametrize("hook", ["attn_out", "residual"])
+def test_extract_matches_reference(tiny_llama, hook):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    emotions = ["joy", "fear"]
+    bank, samples = extract(model, tokenizer, emotions=emotions, questions_per_emotion=3, hook=hook,
+                            max_new_tokens=6, batch_size=4, seed=3)
+    assert list(bank.vectors.shape) == [4, 2, 128]
+    assert bank.hook == hook and bank.emotions == emotions
+    assert bank.model["architecture"] == "LlamaForCausalLM" and bank.model["num_layers"] == 4
+    assert bank.recipe["questions_per_emotion"] == 3 and bank.recipe["seed"] == 3
+    # prompts differ in length, so the batches really were padded
+    assert len({len(s.prompt_ids) for s in samples}) > 1
+    expected = reference_vectors(model, samples, emotions, hook)
+    layers = slice(None) if hook == "attn_out" else slice(0, 3)  # HF's last hidden state is after the final norm
+    assert torch.allclose(bank.vectors[layers].double(), expected[layers], rtol=1e-4, atol=1e-5)
+    assert bank.vectors.abs().sum() > 0
+
+
+def test_extract_is_seeded(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    kwargs = dict(emotions=["anger"], questions_per_emotion=2, max_new_tokens=3, batch_size=4)
+    a, sa = extract(model, tokenizer, seed=5, **kwargs)
+    b, sb = extract(model, tokenizer, seed=5, **kwargs)
+    c, sc = extract(model, tokenizer, seed=6, **kwargs)
+    assert torch.equal(a.vectors, b.vectors)
+    assert [s.question for s in sa] == [s.question for s in sb] != [s.question for s in sc]

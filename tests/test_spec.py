@@ -1,0 +1,67 @@
+import math
+
+import pytest
+
+from vllm_emosteer import SteeringError, steer
+from vllm_emosteer.spec import SteeringLimits, parse_steering
+
+LIMITS = SteeringLimits(("joy", "anger", "disgust", "fear", "sadness"), num_layers=30, max_intensity=8.0,
+                        max_emotions=3)
+
+
+def test_nested_and_flat_forms_give_the_same_spec():
+    nested = parse_steering(steer(joy=2.0, fear=0.5, layers=(20, 29)), LIMITS)
+    flat = parse_steering({"emotions": ["fear", "joy"], "intensities": [0.5, 2], "steer_layers": [20, 29]}, LIMITS)
+    assert nested == flat
+    assert nested.intensities == (("fear", 0.5), ("joy", 2.0))
+    assert nested.fingerprint() == flat.fingerprint()
+    single = parse_steering({"emotion": "JOY", "intensity": 1.5, "steer_positions": "all"}, LIMITS)
+    assert single.intensities == (("joy", 1.5),) and single.positions == "all"
+
+
+def test_no_steering_and_zero_intensity_are_unsteered():
+    assert parse_steering(None, LIMITS) is None
+    assert parse_steering({"other_plugin": 1}, LIMITS) is None
+    assert parse_steering(steer(joy=0.0), LIMITS) is None
+    assert parse_steering({"emotion": "joy", "intensity": 0}, LIMITS) is None
+
+
+def test_fingerprint_tells_specs_apart():
+    a = parse_steering(steer(joy=1.0), LIMITS)
+    assert a.fingerprint() != parse_steering(steer(joy=1.5), LIMITS).fingerprint()
+    assert a.fingerprint() != parse_steering(steer(joy=1.0, positions="all"), LIMITS).fingerprint()
+    assert a.fingerprint() != parse_steering(steer(joy=1.0, layers=(0, 3)), LIMITS).fingerprint()
+
+
+@pytest.mark.parametrize(
+    "extra_args, parameter, words",
+    [
+        ({"emotion": "love", "intensity": 1.0}, "emotion", "unknown emotion 'love'"),
+        (steer(love=1.0), "emosteer.emotions", "this server knows"),
+        ({"emotion": "joy", "intensity": math.nan}, "intensity", "finite"),
+        ({"emotion": "joy", "intensity": math.inf}, "intensity", "finite"),
+        ({"emotion": "joy", "intensity": 9.0}, "intensity", "allowed range"),
+        ({"emotion": "joy", "intensity": "2"}, "intensity", "must be a number"),
+        ({"emotion": "joy", "intensity": True}, "intensity", "must be a number"),
+        ({"intensity": 2.0}, "emotion", "without 'emotion'"),
+        ({"emotions": ["joy"], "intensities": [1.0, 2.0]}, "intensities", "has 2"),
+        ({"emotions": "joy", "intensities": [1.0]}, "emotions", "lists"),
+        ({"emotion": "joy", "steer_positions": "prompt"}, "steer_positions", "unknown position mode"),
+        ({"emotion": "joy", "steer_layers": [5, 30]}, "steer_layers", "0 <= first <= last < 30"),
+        ({"emotion": "joy", "steer_layers": [9, 3]}, "steer_layers", "first <= last"),
+        ({"emotion": "joy", "steer_layers": "0-3"}, "steer_layers", "[first, last]"),
+        ({"emosteer": {"emotions": {"joy": 1}}, "emotion": "joy"}, "emosteer", "not both"),
+        ({"emosteer": {"emotion": {"joy": 1}}}, "emosteer", "unknown keys"),
+        ({"emosteer": {"emotions": ["joy"]}}, "emosteer.emotions", "must be an object"),
+        ({"emosteer": "joy"}, "emosteer", "must be an object"),
+        (steer(joy=1, fear=1, anger=1, sadness=1), "emosteer.emotions", "at most 3"),
+        ({"emotions": ["joy", "joy"], "intensities": [1, 1]}, "emotions", "given twice"),
+        ({"emotion": "joy", "steer_raw": "yes"}, "steer_raw", "true or false"),
+    ],
+)
+def test_bad_input_names_the_field(extra_args, parameter, words):
+    with pytest.raises(SteeringError) as info:
+        parse_steering(extra_args, LIMITS)
+    assert isinstance(info.value, ValueError)
+    assert info.value.parameter == parameter
+    assert words in str(info.value)
