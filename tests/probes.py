@@ -12,16 +12,20 @@ def install_capture(model):
         def before(module, args, output, index=index):
             module._probe_before = output.detach().clone()
 
-        def after(module, args, output, index=index):
-            CAPTURED.append((index, args[0].detach().clone(), module._probe_before, output.detach().clone()))
+        def after(module, args, kwargs, output, index=index):
+            positions = kwargs["positions"] if "positions" in kwargs else args[0]
+            CAPTURED.append((index, positions.detach().clone(), module._probe_before, output.detach().clone()))
 
         HANDLES.append(attention.register_forward_hook(before, prepend=True))
-        HANDLES.append(attention.register_forward_hook(after))
+        HANDLES.append(attention.register_forward_hook(after, with_kwargs=True))
     return len(HANDLES)
 
 
 def take_captures(model):
-    out = list(CAPTURED)
+    """Pickled, because vLLM's RPC encoder does not round-trip tensors nested in tuples."""
+    import pickle
+
+    out = pickle.dumps(list(CAPTURED))
     CAPTURED.clear()
     return out
 
@@ -35,10 +39,5 @@ def remove_capture(model):
 
 
 def steering_state(model):
-    """Slots still held by the plugin's runtime (there is one runner per worker)."""
-    import gc
-
-    from vllm_emosteer.runtime import SteeringRuntime
-
-    runtimes = [o for o in gc.get_objects() if isinstance(o, SteeringRuntime)]
-    return [dict(r.slot_of) for r in runtimes]
+    """Requests that the plugin's runtime on this worker still tracks (req_id -> slot, -1 = unsteered)."""
+    return dict(model.emosteer_runtime.slot_of)

@@ -142,6 +142,7 @@ def install_steering(runner) -> None:
     if not runtime.handles and runner.vllm_config.parallel_config.pipeline_parallel_size == 1:
         raise RuntimeError("emosteer: no layer could be hooked; refusing to run unsteered")
     runner._emosteer = runtime
+    runner.get_model().emosteer_runtime = runtime  # reachable from LLM.apply_model, for inspection
     logger.info(
         "emosteer: hooked %d layers at %s on %s (%s)", len(runtime.handles), options.bank.hook,
         runner.device, "Triton kernel" if runner.device.type == "cuda" else "torch op",
