@@ -1,0 +1,100 @@
+"""Engines that cannot be steered refuse to start, with a message that says why (before loading weights)."""
+
+import pytest
+import torch
+from conftest import make_tiny_bank, make_tiny_model
+from engine_helpers import tiny_llm
+
+from vllm_emosteer.bank import EmotionBank
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory, default_model_dir):
+    from transformers import Qwen3Config
+
+    folder = tmp_path_factory.mktemp("qwen3")
+    config = Qwen3Config(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, vocab_size=49152, architectures=["Qwen3ForCausalLM"])
+    config.save_pretrained(folder)
+    return folder
+
+
+def test_unsupported_architecture_refused(tiny_qwen3, tmp_path):
+    vectors = EmotionBank(torch.randn(4, 1, 128), ["joy"], "attn_out", [0, 1, 2, 3]).save(tmp_path / "v.safetensors")
+    with pytest.raises(ValueError, match=r"cannot steer Qwen3ForCausalLM: supported architectures are"):
+        tiny_llm(tiny_qwen3, vectors)
+
+
+def test_mismatched_vectors_refused(tiny_llama, tmp_path):
+    narrow = EmotionBank(torch.randn(4, 1, 64), ["joy"], "attn_out", [0, 1, 2, 3]).save(tmp_path / "n.safetensors")
+    with pytest.raises(ValueError, match="vectors have hidden size 64, model has 128"):
+        tiny_llm(tiny_llama, narrow)
+    deep = EmotionBank(torch.randn(6, 1, 128), ["joy"], "attn_out", list(range(6))).save(tmp_path / "d.safetensors")
+    with pytest.raises(ValueError, match="vectors cover layers up to 5, model has 4 layers"):
+        tiny_llm(tiny_llama, deep)
+
+
+def test_missing_file_and_bundled_vectors_for_another_model(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="vectors file not found"):
+        tiny_llm(tiny_llama, tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match="bundled vectors are for SmolLM2-135M-Instruct, not this model"):
+        tiny_llm(tiny_llama)
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"max_intensity": -1}, "max_intensity must be a positive number"),
+        ({"max_emotions": 0}, "max_emotions must be a positive integer"),
+        ({"layers": [2, 9]}, "layers must be \\[first, last\\]"),
+        ({"mode": "turbo"}, "mode must be one of"),
+        ({"vector": "x"}, "unknown emosteer options \\['vector'\\]"),
+    ],
+)
+def test_bad_engine_options_refused(tiny_llama, tiny_bank_path, options, words):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match=words):
+        LLM(model=str(tiny_llama), additional_config={"emosteer": {"vectors": str(tiny_bank_path), **options}})
+
+
+def test_naive_mode_needs_eager(tiny_llama, tiny_bank_path):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match="needs enforce_eager"):
+        LLM(model=str(tiny_llama), additional_config={"emosteer": {"vectors": str(tiny_bank_path), "mode": "naive"}})
+
+
+def test_steering_args_on_an_engine_without_steering_are_refused(tiny_llama):
+    from engine_helpers import params, prompt, shutdown
+
+    from vllm_emosteer import steer
+
+    llm = tiny_llm(tiny_llama, emosteer=False)
+    try:
+        with pytest.raises(ValueError, match="started without steering"):
+            llm.generate([prompt(8, 1)], [params(steer(joy=1.0))])
+        assert len(llm.generate([prompt(8, 1)], [params()])[0].outputs[0].token_ids) == 8
+    finally:
+        shutdown(llm)
+
+
+@pytest.mark.parametrize(
+    "arch, hook", [("Qwen2ForCausalLM", "attn_out"), ("Gemma3ForCausalLM", "attn_out"), ("LlamaForCausalLM", "residual")]
+)
+def test_other_architectures_and_hooks_are_steered(tmp_path, default_model_dir, arch, hook):
+    from engine_helpers import params, prompt, shutdown, tokens_and_logprobs
+
+    from vllm_emosteer import steer
+
+    model = make_tiny_model(tmp_path / arch, arch, default_model_dir)
+    vectors = tmp_path / "v.safetensors"
+    make_tiny_bank(model, vectors, hook=hook, scale=2.0)
+    llm = tiny_llm(model, vectors)
+    try:
+        specs = [None, steer(joy=0.0), steer(joy=2.0), steer(sadness=2.0, positions="all")]
+        outs = [tokens_and_logprobs(o) for o in llm.generate([prompt(20, 5)] * 4, [params(s) for s in specs])]
+    finally:
+        shutdown(llm)
+    assert outs[0] == outs[1]
+    assert outs[2] != outs[0] and outs[3] != outs[0] and outs[2] != outs[3]
