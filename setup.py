@@ -31,6 +31,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["emosteer = vllm_emosteer:register"],
+        "vllm.endpoint_plugins": ["emosteer = vllm_emosteer.endpoint:EmosteerEndpoint"],
         "console_scripts": ["vllm-emosteer = vllm_emosteer.cli:main"],
     },
 )

@@ -1,4 +1,4 @@
-"""`vllm-emosteer`: model-path | extract | inspect | import | export | demo | eval | calibrate."""
+"""`vllm-emosteer`: model-path | extract | inspect | import | export | demo | serve (= `vllm serve`)."""
 
 from __future__ import annotations
 
@@ -173,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from .bank import BankError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # everything after `serve` is vLLM's: `vllm serve MODEL --additional-config ...`
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

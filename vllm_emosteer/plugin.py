@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def _patch_engine_args():
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
-    from .options import CONFIG_KEY, is_enabled, options_from_vllm_config
+    from .options import CONFIG_KEY, EmosteerConfigError, is_enabled, options_from_vllm_config
 
     def make(original):
         def create_engine_config(self, *args, **kwargs):
@@ -52,8 +53,14 @@ def _patch_engine_args():
                 logger.warning("emosteer: using vLLM's V1 model runner (Model Runner V2 is not supported yet)")
             config = original(self, *args, **kwargs)
             if is_enabled(config):
-                options = options_from_vllm_config(config)
-                _check_engine_features(config, options)
+                try:
+                    options = options_from_vllm_config(config)
+                    _check_engine_features(config, options)
+                except EmosteerConfigError as exc:
+                    if "vllm.entrypoints.cli.main" in sys.modules:  # `vllm serve`: one line, not a traceback
+                        print(f"ERROR: {exc}", file=sys.stderr)
+                        raise SystemExit(1) from None
+                    raise
                 logger.info("emosteer: steering enabled: %s", options.describe())
             return config
 

