@@ -1,0 +1,167 @@
+"""`vllm serve` with emotions: a real server subprocess on the default model, the real `openai` client."""
+
+import asyncio
+import random
+
+import openai
+import pytest
+import requests
+from server_helpers import Server
+
+QUESTION = [{"role": "user", "content": "Tell me about your day."}]
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir):
+    srv = Server(default_model_dir)
+    yield srv
+    srv.stop()
+
+
+def chat(client, xargs=None, messages=QUESTION, max_tokens=16, **kwargs):
+    extra = {"vllm_xargs": xargs} if xargs else None
+    return client.chat.completions.create(model="smol", messages=messages, max_tokens=max_tokens, temperature=0,
+                                          extra_body=extra, **kwargs)
+
+
+def test_discovery_endpoint(server):
+    info = requests.get(server.url + "/v1/emosteer", timeout=10).json()
+    assert info["enabled"] and info["emotions"] == ["joy", "anger", "disgust", "fear", "sadness"]
+    assert info["num_model_layers"] == 30 and info["max_intensity"] == 8.0 and info["hook"] == "attn_out"
+
+
+def test_steered_chat_completion_and_stream_agree(server):
+    client = server.client()
+    plain = chat(client).choices[0].message.content
+    steered = chat(client, {"emotions": ["sadness", "fear"], "intensities": [1.5, 0.5]}).choices[0].message.content
+    assert steered != plain
+    stream = chat(client, {"emotions": ["sadness", "fear"], "intensities": [1.5, 0.5]}, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == steered
+    completion = client.completions.create(model="smol", prompt="My day was", max_tokens=12, temperature=0,
+                                           extra_body={"vllm_xargs": {"emotion": "joy", "intensity": 2.0}})
+    assert completion.choices[0].text
+
+
+@pytest.mark.parametrize(
+    "xargs, param, words",
+    [
+        ({"emotion": "love", "intensity": 1.0}, "emotion", "this server knows ['joy', 'anger'"),
+        ({"emotion": "joy", "intensity": 50}, "intensity", "allowed range [-8.0, 8.0]"),
+        ({"emotions": ["joy"], "intensities": [1.0, 2.0]}, "intensities", "has 2"),
+        ({"emotion": "joy", "steer_layers": [3, 40]}, "steer_layers", "< 30"),
+        ({"emotion": "joy", "steer_positions": "middle"}, "steer_positions", "['response', 'all']"),
+    ],
+)
+def test_invalid_steering_gets_400_naming_the_field(server, xargs, param, words):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(server.client(), xargs)
+    error = info.value.body
+    assert info.value.status_code == 400 and error["param"] == param and words in error["message"]
+
+
+def test_64_concurrent_clients_mixed_traffic(server):
+    rng = random.Random(0)
+    kinds = ["plain", "single", "mixed", "invalid"]
+
+    async def one(client, i):
+        kind = kinds[i % 4]
+        xargs = {"plain": None, "single": {"emotion": rng.choice(["joy", "anger", "fear"]), "intensity": 1.0},
+                 "mixed": {"emotions": ["joy", "sadness"], "intensities": [0.7, 0.7]},
+                 "invalid": {"emotion": "boredom", "intensity": 1.0}}[kind]
+        extra = {"vllm_xargs": xargs} if xargs else None
+        use_chat, stream = i % 3 != 0, i % 2 == 0
+        try:
+            if use_chat:
+                response = await client.chat.completions.create(
+                    model="smol", messages=QUESTION, max_tokens=12, temperature=0.8, seed=i, extra_body=extra,
+                    stream=stream)
+            else:
+                response = await client.completions.create(
+                    model="smol", prompt=f"Story {i}:", max_tokens=12, temperature=0.8, seed=i, extra_body=extra,
+                    stream=stream)
+            if stream:
+                text, finish = "", None
+                async for chunk in response:
+                    if chunk.choices:
+                        piece = chunk.choices[0]
+                        text += (piece.delta.content or "") if use_chat else piece.text
+                        finish = piece.finish_reason or finish
+            else:
+                piece = response.choices[0]
+                text, finish = (piece.message.content if use_chat else piece.text), piece.finish_reason
+            return kind, "ok", text, finish
+        except openai.BadRequestError as exc:
+            return kind, "400", str(exc), None
+
+    async def main():
+        async with server.async_client(timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(main())
+    for kind, status, text, finish in results:
+        if kind == "invalid":
+            assert status == "400" and "unknown emotion 'boredom'" in text
+        else:
+            assert status == "ok" and text and finish in ("length", "stop"), (kind, status, text, finish)
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    assert chat(server.client()).choices[0].message.content
+
+
+def test_disconnected_streams_leave_no_stale_state(server):
+    client = server.client()
+    before = chat(client, {"emotion": "joy", "intensity": 1.0}, max_tokens=24).choices[0].message.content
+    for i in range(6):
+        with requests.post(server.url + "/v1/chat/completions", stream=True, timeout=60, json={
+            "model": "smol", "messages": QUESTION, "max_tokens": 200, "stream": True, "temperature": 0,
+            "vllm_xargs": {"emotion": ["anger", "fear", "disgust"][i % 3], "intensity": 3.0},
+        }) as response:
+            for n, _ in enumerate(response.iter_lines()):
+                if n >= 3:
+                    break  # hang up mid-stream
+    after = chat(client, {"emotion": "joy", "intensity": 1.0}, max_tokens=24).choices[0].message.content
+    assert after == before
+    assert chat(client, max_tokens=24).choices[0].message.content == chat(client, max_tokens=24).choices[0].message.content
+
+
+def test_prefix_cache_safety_over_http(server, default_model_dir):
+    system = {"role": "system", "content": "You are a friendly assistant at a small seaside hotel. " * 12}
+    messages = [system, {"role": "user", "content": "What can I do here this afternoon?"}]
+    specs = [None, {"emotion": "sadness", "intensity": 1.5, "steer_positions": "all"},
+             {"emotion": "joy", "intensity": 1.5, "steer_positions": "all"}, None,
+             {"emotion": "sadness", "intensity": 1.5, "steer_positions": "all"}]
+    cached = [chat(server.client(), s, messages=messages, max_tokens=20).choices[0].message.content for s in specs]
+    fresh_server = Server(default_model_dir, "--no-enable-prefix-caching")
+    try:
+        fresh = [chat(fresh_server.client(), s, messages=messages, max_tokens=20).choices[0].message.content
+                 for s in specs]
+    finally:
+        fresh_server.stop()
+    assert cached == fresh
+    assert len(set(cached[:3])) == 3
+
+
+@pytest.mark.parametrize(
+    "emosteer, words",
+    [
+        ('{"vectors": "/nonexistent/ev.safetensors"}', "vectors file not found: /nonexistent/ev.safetensors"),
+        ('{"max_intensity": "high"}', "max_intensity must be a positive number"),
+    ],
+)
+def test_bad_start_stops_with_a_clear_message(default_model_dir, emosteer, words):
+    srv = Server(default_model_dir, emosteer=emosteer, wait=False)
+    try:
+        _, err = srv.process.communicate(timeout=240)
+    finally:
+        srv.stop()
+    assert srv.process.returncode != 0
+    assert words in err and "Traceback" not in err
+
+
+def test_mismatched_vectors_stop_the_server(default_model_dir, tiny_bank_path):
+    srv = Server(default_model_dir, emosteer=f'{{"vectors": "{tiny_bank_path}"}}', wait=False)
+    try:
+        _, err = srv.process.communicate(timeout=240)
+    finally:
+        srv.stop()
+    assert srv.process.returncode != 0
+    assert "vectors have hidden size 128, model has 576" in err and "Traceback" not in err
