@@ -9,13 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Chosen by measurement on an H200 would go here; until then a small autotune list keyed on H and E.
-CONFIGS = [
-    triton.Config({"BLOCK_H": 256}, num_warps=2),
-    triton.Config({"BLOCK_H": 512}, num_warps=4),
-    triton.Config({"BLOCK_H": 1024}, num_warps=4),
-    triton.Config({"BLOCK_H": 2048}, num_warps=8),
-]
+
+
+def block_config(H: int) -> tuple[int, int]:
+    """(BLOCK_H, num_warps) by hidden size. A fixed table, not autotune: autotuning benchmarks on first call,
+    which must not happen inside CUDA-graph capture. Not yet measured on a GPU: `benchmarks/kernel.py --sweep`
+    prints the sweep that should replace these defaults."""
+    block = min(1024, triton.next_power_of_2(H))
+    return block, (2 if block <= 256 else 4)
 
 
 @triton.jit
@@ -44,11 +45,9 @@ def _steer_add_kernel(
     tl.store(x_ptrs, (x.to(tl.float32) + offset).to(x.dtype), mask=mask_h)
 
 
-_autotuned = triton.autotune(configs=CONFIGS, key=["H", "E"])(_steer_add_kernel)
-
 
 def steer_add_triton(x: torch.Tensor, row_of_token: torch.Tensor, coeff: torch.Tensor, bank: torch.Tensor,
-                     layer: int, block_h: int | None = None) -> None:
+                     layer: int, block_h: int | None = None, num_warps: int | None = None) -> None:
     T, H = x.shape
     if T == 0:
         return
@@ -57,8 +56,8 @@ def steer_add_triton(x: torch.Tensor, row_of_token: torch.Tensor, coeff: torch.T
     assert row_of_token.shape[0] >= T, "row buffer shorter than the batch"
     args = (x, row_of_token, coeff, bank, layer, H, E,
             x.stride(0), coeff.stride(0), coeff.stride(1), bank.stride(0), bank.stride(1))
-    block_e = max(triton.next_power_of_2(E), 1)
-    if block_h is not None:
-        _steer_add_kernel[(T, triton.cdiv(H, block_h))](*args, BLOCK_H=block_h, BLOCK_E=block_e)
-    else:
-        _autotuned[lambda meta: (T, triton.cdiv(H, meta["BLOCK_H"]))](*args, BLOCK_E=block_e)
+    default_block, default_warps = block_config(H)
+    block_h = block_h or default_block
+    _steer_add_kernel[(T, triton.cdiv(H, block_h))](
+        *args, BLOCK_H=block_h, BLOCK_E=triton.next_power_of_2(E), num_warps=num_warps or default_warps
+    )
