@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-logger = logging.getLogger("vllm_emosteer")
+logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
 _installed = False
 
 

@@ -20,7 +20,7 @@ from vllm.v1.utils import CpuGpuBuffer
 from .options import EmosteerOptions
 from .spec import SteeringError, SteeringSpec, parse_steering
 
-logger = logging.getLogger("vllm_emosteer")
+logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
 UNSTEERED = -1
 NEVER = np.iinfo(np.int64).max
 
