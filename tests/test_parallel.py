@@ -53,9 +53,11 @@ def test_pipeline_parallel_2_equals_single_process(tiny_llama, tiny_bank_path, s
 def test_plugin_inside_a_ray_actor(tiny_llama, tiny_bank_path, single):
     ray = pytest.importorskip("ray")
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, num_cpus=None if os.environ.get("RAY_ADDRESS")
-                 else 2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+    if started_here:  # .ci/run starts a local Ray instance (RAY_ADDRESS); without one, start one here
+        env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_") or k in ("PYTHONPATH", "HF_HUB_OFFLINE")}
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or None, num_cpus=None if address else 2, include_dashboard=False,
+                 runtime_env={"env_vars": env})
 
     @ray.remote(num_cpus=1)
     class SteeredEngine:
