@@ -10,10 +10,10 @@ TINY_ENGINE = dict(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_b
                    enforce_eager=True, seed=0, block_size=32)
 
 
-def tiny_llm(model_dir, vectors=None, emosteer=True, **overrides):
+def tiny_llm(model_dir, vectors=None, emosteer=True, options=None, **overrides):
     kwargs = dict(TINY_ENGINE, **overrides)
     if emosteer:
-        kwargs["additional_config"] = {"emosteer": {"vectors": str(vectors)} if vectors else {}}
+        kwargs["additional_config"] = {"emosteer": dict({"vectors": str(vectors)} if vectors else {}, **(options or {}))}
     return LLM(model=str(model_dir), **kwargs)
 
 

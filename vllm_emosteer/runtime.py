@@ -47,6 +47,7 @@ class SteeringRuntime:
         self.free_slots = list(range(max_slots - 1, -1, -1))
         self.coeff_dirty = False
         self.steered_upto = 0  # rows[:steered_upto] may hold stale slots
+        self.segments: list[tuple[int, int, int]] = []  # mode "naive" only: (first token, end, slot) per request
 
     # ---- request lifetime -------------------------------------------------------------------------------
     def forget(self, req_ids) -> None:
@@ -97,6 +98,9 @@ class SteeringRuntime:
             self.coeff_dirty = False
         slots = np.fromiter((self.slot_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
         total = int(num_tokens_per_req.sum())
+        if self.options.mode == "naive":
+            self._prepare_segments(slots, num_tokens_per_req, num_computed)
+            return
         if (slots == UNSTEERED).all():
             if self.steered_upto:
                 self.rows.np[: self.steered_upto] = UNSTEERED
@@ -111,3 +115,16 @@ class SteeringRuntime:
         self.rows.np[total:stale] = UNSTEERED
         self.rows.copy_to_gpu(stale)
         self.steered_upto = total
+
+    # ---- the naive baseline (mode "naive"): what hook-based peers do --------------------------------------
+    def _prepare_segments(self, slots, num_tokens_per_req, num_computed) -> None:
+        ends = np.cumsum(num_tokens_per_req)
+        starts = ends - num_tokens_per_req
+        first = starts + np.clip(self.start_of_slot[np.maximum(slots, 0)] - num_computed, 0, None)
+        keep = (slots >= 0) & (first < ends)
+        self.segments = list(zip(first[keep].tolist(), ends[keep].tolist(), slots[keep].tolist()))
+
+    def naive_add(self, x: torch.Tensor, row: int) -> None:
+        """A Python loop over the batch's steered requests, in every layer."""
+        for start, end, slot in self.segments:
+            x[start:end] += (self.coeff.gpu[slot, row] @ self.bank[row]).to(x.dtype)
