@@ -1,7 +1,5 @@
 """vllm-emosteer: per-request emotion steering for vLLM (Emotion Vectors, Dong et al., arXiv 2502.04075)."""
 
-from .spec import SteeringError, steer
-
 __version__ = "0.1.0"
 __all__ = ["SteeringError", "register", "steer"]
 
@@ -11,3 +9,12 @@ def register() -> None:
     from .plugin import install
 
     install()
+
+
+def __getattr__(name):
+    # Lazy, so that the kernel, op and hooks import without vLLM (the GPU check machine has none).
+    if name in ("steer", "SteeringError"):
+        from . import spec
+
+        return getattr(spec, name)
+    raise AttributeError(name)

