@@ -98,3 +98,12 @@ def test_bad_files_refused(tmp_path):
     save_file({"vectors": torch.zeros(4, 3, 64)}, future, metadata={"emosteer": json.dumps(meta)})
     with pytest.raises(BankError, match="upgrade vllm-emosteer"):
         EmotionBank.load(future)
+
+
+def test_without_shared_component():
+    bank = make_bank()
+    derived = bank.without_shared_component()
+    assert torch.allclose(derived.vectors.mean(dim=1), torch.zeros(4, 64), atol=1e-6)
+    assert torch.allclose(derived.vectors[:, 0] - derived.vectors[:, 1], bank.vectors[:, 0] - bank.vectors[:, 1],
+                          atol=1e-6)
+    assert derived.calibration == {} and derived.recipe["transform"] == ["remove shared component"]

@@ -102,6 +102,13 @@ class EmotionBank:
     def norms(self) -> torch.Tensor:
         return self.vectors.norm(dim=-1)  # [L, E]
 
+    def without_shared_component(self) -> "EmotionBank":
+        """Each emotion minus the mean of all emotions, per layer: what they share ("emotional vs neutral")
+        is removed, what tells them apart stays. Calibration is dropped (the vectors changed)."""
+        shared = self.vectors.mean(dim=1, keepdim=True)
+        recipe = dict(self.recipe, transform=self.recipe.get("transform", []) + ["remove shared component"])
+        return EmotionBank(self.vectors - shared, self.emotions, self.hook, self.layers, dict(self.model), recipe)
+
     def scale(self, emotion: str) -> float:
         return float(self.calibration.get(emotion, 1.0))
 

@@ -112,6 +112,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_transform(args) -> int:
+    bank, _ = _bank_arg(args.file)
+    if args.remove_shared:
+        bank = bank.without_shared_component()
+    print(f"wrote {bank.save(args.out)}: {bank.recipe.get('transform', [])}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -231,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", required=True, help="output .gguf (OUT-<emotion>.gguf when several emotions)")
     p.add_argument("--emotion", nargs="+", help="emotions to export (default: all)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("transform", help="derive a vectors file (e.g. without the component all emotions share)")
+    p.add_argument("file", nargs="?", help="vectors file (default: the bundled vectors)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--remove-shared", action="store_true", help="subtract the mean over emotions at every layer")
+    p.set_defaults(func=cmd_transform)
 
     p = sub.add_parser("demo", help="the default model answering unsteered, in each emotion and a mix, in one batch")
     p.add_argument("--model")

@@ -184,7 +184,7 @@ def plot(result: EvalResult, emotions, out) -> None:
 
 
 
-MIXES = (("joy", "sadness"), ("anger", "fear"), ("disgust", "joy"))
+MIXES = (("joy", "sadness"), ("anger", "fear"), ("disgust", "joy"), ("joy", "fear"))
 
 
 def extra_variants(alphas: dict[str, float]) -> list[Variant]:
@@ -192,7 +192,7 @@ def extra_variants(alphas: dict[str, float]) -> list[Variant]:
     from .spec import steer
 
     variants = []
-    for a, b in MIXES:
+    for a, b in [m for m in MIXES if set(m) <= set(alphas)]:
         spec = steer(raw=True, **{a: alphas[a], b: alphas[b]})
         variants.append(Variant(f"{a}+{b} {alphas[a]:g}+{alphas[b]:g}", spec, (a, b), alphas[a], "mix"))
     for emotion, alpha in alphas.items():
