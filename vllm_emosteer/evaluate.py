@@ -114,11 +114,12 @@ def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int =
         items = [i for i, (vv, _) in enumerate(index) if vv == v]
         row = {"label": variant.label, "group": variant.group, "emotions": list(variant.target),
                "alpha": variant.alpha}
+        tops = [max(EMOTIONS, key=scores[i].get) for i in items]
         for emotion in EMOTIONS:
             row[f"score_{emotion}"] = float(np.mean([scores[i][emotion] for i in items]))
+            row[f"top_{emotion}"] = float(np.mean([top == emotion for top in tops]))
         if variant.target:
             row["target"] = float(np.mean([np.mean([scores[i][e] for e in variant.target]) for i in items]))
-            tops = [max(EMOTIONS, key=scores[i].get) for i in items]
             row["hit"] = float(np.mean([top in variant.target for top in tops]))
             # for mixes: does each component show (is it among the top two)?
             row["each_shows"] = {e: float(np.mean([e in sorted(EMOTIONS, key=scores[i].get)[-2:] for i in items]))
@@ -170,7 +171,7 @@ def plot(result: EvalResult, emotions, out) -> None:
     for ax, (key, title) in zip(axes.flat, metrics):
         for emotion in emotions:
             rows = sorted([r for r in result.rows if r["emotions"] == [emotion] and r["group"] == "sweep"]
-                          + [dict(base, alpha=0.0, target=base[f"score_{emotion}"], hit=float("nan"))],
+                          + [dict(base, alpha=0.0, target=base[f"score_{emotion}"], hit=base[f"top_{emotion}"])],
                           key=lambda r: r["alpha"])
             ax.plot([r["alpha"] for r in rows], [r.get(key, float("nan")) for r in rows], marker="o", label=emotion)
         ax.set_title(title)
