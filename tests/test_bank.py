@@ -107,3 +107,11 @@ def test_without_shared_component():
     assert torch.allclose(derived.vectors[:, 0] - derived.vectors[:, 1], bank.vectors[:, 0] - bank.vectors[:, 1],
                           atol=1e-6)
     assert derived.calibration == {} and derived.recipe["transform"] == ["remove shared component"]
+
+
+def test_select_layers():
+    bank = make_bank()
+    derived = bank.select_layers(1, 2)
+    assert derived.layers == [1, 2] and torch.equal(derived.vectors, bank.vectors[1:3])
+    with pytest.raises(BankError, match="no layer"):
+        bank.select_layers(7, 9)

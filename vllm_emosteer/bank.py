@@ -109,6 +109,15 @@ class EmotionBank:
         recipe = dict(self.recipe, transform=self.recipe.get("transform", []) + ["remove shared component"])
         return EmotionBank(self.vectors - shared, self.emotions, self.hook, self.layers, dict(self.model), recipe)
 
+    def select_layers(self, first: int, last: int) -> "EmotionBank":
+        """Only the rows of layers first..last: an engine using this file hooks only those layers."""
+        keep = [row for row, layer in enumerate(self.layers) if first <= layer <= last]
+        if not keep:
+            raise BankError(f"no layer of {self.layers} is in [{first}, {last}]")
+        recipe = dict(self.recipe, transform=self.recipe.get("transform", []) + [f"layers {first}-{last}"])
+        return EmotionBank(self.vectors[keep], self.emotions, self.hook, [self.layers[r] for r in keep],
+                           dict(self.model), recipe)
+
     def scale(self, emotion: str) -> float:
         return float(self.calibration.get(emotion, 1.0))
 

@@ -116,6 +116,8 @@ def cmd_transform(args) -> int:
     bank, _ = _bank_arg(args.file)
     if args.remove_shared:
         bank = bank.without_shared_component()
+    if args.layers:
+        bank = bank.select_layers(*args.layers)
     print(f"wrote {bank.save(args.out)}: {bank.recipe.get('transform', [])}")
     return 0
 
@@ -244,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", help="vectors file (default: the bundled vectors)")
     p.add_argument("--out", required=True)
     p.add_argument("--remove-shared", action="store_true", help="subtract the mean over emotions at every layer")
+    p.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"), help="keep only these layers")
     p.set_defaults(func=cmd_transform)
 
     p = sub.add_parser("demo", help="the default model answering unsteered, in each emotion and a mix, in one batch")
