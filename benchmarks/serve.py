@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the table or the JSON
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 QUESTIONS = ["Tell me about your day.", "Describe your morning commute.", "What did you have for breakfast?",

@@ -24,6 +24,7 @@ import sys
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the table or the JSON
 
 WORKLOADS = {  # name: (prompt tokens, generated tokens)
     "decode": (32, 64),

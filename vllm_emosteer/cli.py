@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -130,8 +131,6 @@ def cmd_demo(args) -> int:
 
 
 def _eval_engine(args):
-    import os
-
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM
 
@@ -292,6 +291,8 @@ def main(argv=None) -> int:
 
         return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command in ("eval", "calibrate", "demo"):  # vLLM logs to stderr; stdout carries the results only
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         return args.func(args)
     except (BankError, FileNotFoundError) as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -65,6 +65,7 @@ class EmosteerOptions:
         first, last = self.layers if self.layers else (0, self.num_model_layers - 1)
         return [row for row, layer in enumerate(self.bank.layers) if first <= layer <= last]
 
+    @cached_property
     def bank_digest(self) -> str:
         return hashlib.sha256(self.bank.vectors.numpy().tobytes()).hexdigest()[:16]
 

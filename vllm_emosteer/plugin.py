@@ -125,7 +125,7 @@ def _patch_input_processor():
                     )
             request = original(self, request_id, prompt, params, *args, **kwargs)
             if spec is not None:
-                request.cache_salt = combined_salt(request.cache_salt, f"{options.bank_digest()}-{spec.fingerprint()}")
+                request.cache_salt = combined_salt(request.cache_salt, f"{options.bank_digest}-{spec.fingerprint()}")
             if options is not None:
                 metrics.count_request(spec)
             return request
