@@ -25,10 +25,12 @@ def test_sweep_uses_raw_alphas_and_skips_zero():
 
 
 def test_recommend_picks_the_best_coherent_alpha():
-    def row(alpha, hit, distinct, topic):
+    def row(alpha, hit, distinct, topic, ppl=3.0):
         return {"label": f"joy {alpha}", "group": "sweep", "emotions": ["joy"], "alpha": alpha, "hit": hit,
-                "target": hit, "distinct2": distinct, "topic": topic}
+                "target": hit, "distinct2": distinct, "topic": topic, "ppl": ppl}
 
-    result = EvalResult([row(0.5, 0.3, 0.9, 0.5), row(1, 0.6, 0.8, 0.4), row(2, 0.9, 0.5, 0.4), row(4, 1.0, 0.7, 0.1)])
-    assert recommend(result, ["joy"]) == {"joy": 1}
-    assert recommend(EvalResult([row(2, 0.9, 0.5, 0.4)]), ["joy"]) == {"joy": None}
+    base = {"label": "unsteered", "group": "sweep", "emotions": [], "alpha": 0.0, "ppl": 2.0}
+    result = EvalResult([base, row(0.5, 0.3, 0.9, 0.5), row(1, 0.6, 0.8, 0.4), row(1.5, 0.7, 0.8, 0.4, ppl=9.0),
+                         row(2, 0.9, 0.5, 0.4), row(4, 1.0, 0.7, 0.1)])
+    assert recommend(result, ["joy"]) == {"joy": 1}  # 1.5 is too disfluent, 2 repeats, 4 is off topic
+    assert recommend(EvalResult([base, row(2, 0.9, 0.5, 0.4)]), ["joy"]) == {"joy": None}

@@ -141,6 +141,11 @@ def _eval_engine(args):
                seed=0, additional_config={"emosteer": options})
 
 
+def _shutdown(llm) -> None:
+    """Stop the engine before the interpreter exits (left to garbage collection, exit can abort)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def _bank_emotions(args) -> list[str]:
     from .options import bundled_vectors_path, load_bank
 
@@ -155,12 +160,15 @@ def cmd_eval(args) -> int:
     layers = tuple(args.layers) if args.layers else None
     variants = sweep_variants(emotions, args.alphas, args.positions, layers)
     llm = _eval_engine(args)
-    result = evaluate(llm, variants, prompts, args.max_tokens)
-    best = recommend(result, emotions)
-    if args.extras:
-        chosen = {e: best[e] or args.extras for e in emotions}
-        extra = evaluate(llm, [variants[0]] + extra_variants(chosen), prompts, args.max_tokens)  # with its baseline
-        result.rows += [r for r in extra.rows if r["label"] != "unsteered"]
+    try:
+        result = evaluate(llm, variants, prompts, args.max_tokens)
+        best = recommend(result, emotions)
+        if args.extras:
+            chosen = {e: best[e] or args.extras for e in emotions}
+            extra = evaluate(llm, [variants[0]] + extra_variants(chosen), prompts, args.max_tokens)  # + baseline
+            result.rows += [r for r in extra.rows if r["label"] != "unsteered"]
+    finally:
+        _shutdown(llm)
     report = {"prompts": len(prompts), "max_tokens": args.max_tokens, "layers": layers, "positions": args.positions,
               "recommended_alpha": best, "rows": result.rows}
     if args.out:
@@ -173,7 +181,8 @@ def cmd_eval(args) -> int:
         print(json.dumps(report))
     else:
         print(markdown(result))
-        print(f"\nrecommended alpha per emotion (best hit rate with distinct-2 >= 0.6 and on-topic >= 0.3): {best}")
+        print(f"\nrecommended alpha per emotion (best hit rate with distinct-2 >= 0.6, on-topic >= 0.3 and "
+              f"perplexity <= 4x unsteered): {best}")
     return 0
 
 
@@ -186,7 +195,10 @@ def cmd_calibrate(args) -> int:
     bank = EmotionBank.load(source)
     prompts = neutral_prompts()[: args.prompts]
     llm = _eval_engine(args)
-    result = evaluate(llm, sweep_variants(bank.emotions, args.alphas), prompts, args.max_tokens)
+    try:
+        result = evaluate(llm, sweep_variants(bank.emotions, args.alphas), prompts, args.max_tokens)
+    finally:
+        _shutdown(llm)
     best = recommend(result, bank.emotions)
     print(markdown(result))
     missing = [e for e, a in best.items() if a is None]
@@ -194,7 +206,8 @@ def cmd_calibrate(args) -> int:
         return _die(f"no alpha in {args.alphas} keeps {missing} coherent; try smaller alphas", 1)
     bank.calibration = {e: float(a) for e, a in best.items()}
     bank.recipe["calibration"] = {"prompts": len(prompts), "alphas": args.alphas, "rule":
-                                  "best hit rate with distinct-2 >= 0.6 and cosine to the question >= 0.3"}
+                                  "best hit rate with distinct-2 >= 0.6, cosine to the question >= 0.3, "
+                                  "perplexity <= 4x unsteered"}
     print(f"calibration (intensity 1.0 = alpha): {bank.calibration}")
     print(f"wrote {bank.save(args.out or source)}")
     return 0

@@ -44,7 +44,10 @@ def run_demo(model: str | None, vectors: str | None, intensity: float, max_token
             conversations.append([{"role": "user", "content": question}])
             params.append(SamplingParams(max_tokens=max_tokens, temperature=0, extra_args=extra))
             labels.append((question, label))
-    outputs = llm.chat(conversations, params, use_tqdm=True)
+    try:
+        outputs = llm.chat(conversations, params, use_tqdm=True)
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # before exit: left to garbage collection, exit can abort
     texts = [o.outputs[0].text.strip() for o in outputs]
     scores = emotion_scores(texts)
     print(f"\n{len(texts)} requests with {len(rows)} different steering settings ran in one batch.")

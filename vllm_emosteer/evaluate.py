@@ -22,7 +22,9 @@ import numpy as np
 
 from .scores import EMOTIONS, emotion_scores
 
-THRESHOLDS = {"distinct2": 0.6, "topic": 0.3}  # "the text stays coherent and on topic"
+# "the text stays coherent and on topic": little repetition, close to the question, fluent (perplexity at most
+# this many times the unsteered answers')
+THRESHOLDS = {"distinct2": 0.6, "topic": 0.3, "ppl_ratio": 4.0}
 
 
 def neutral_prompts() -> list[str]:
@@ -133,16 +135,18 @@ def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int =
     return result
 
 
-def coherent(row) -> bool:
-    return row["distinct2"] >= THRESHOLDS["distinct2"] and row["topic"] >= THRESHOLDS["topic"]
+def coherent(row, base_ppl: float) -> bool:
+    return (row["distinct2"] >= THRESHOLDS["distinct2"] and row["topic"] >= THRESHOLDS["topic"]
+            and row["ppl"] <= THRESHOLDS["ppl_ratio"] * base_ppl)
 
 
 def recommend(result: EvalResult, emotions) -> dict[str, float | None]:
     """Per emotion: the alpha with the best hit rate among the coherent ones (ties: the smaller alpha)."""
+    base_ppl = next((r["ppl"] for r in result.rows if r["label"] == "unsteered"), float("inf"))
     best = {}
     for emotion in emotions:
         rows = [r for r in result.rows if r["emotions"] == [emotion] and r["alpha"] > 0 and r["group"] == "sweep"]
-        good = [r for r in rows if coherent(r)]
+        good = [r for r in rows if coherent(r, base_ppl)]
         best[emotion] = max(good, key=lambda r: (r["hit"], r["target"], -r["alpha"]))["alpha"] if good else None
     return best
 
