@@ -77,8 +77,8 @@ def _batches(items, size):
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, bar):
     """Greedy answers, batched with left padding; each answer is cut at the first end-of-sequence token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id or tokenizer.eos_token_id])
+    eos_ids = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
     answers = []
     for batch in _batches(prompts, batch_size):
         width = max(len(p) for p in batch)
