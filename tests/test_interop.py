@@ -8,6 +8,19 @@ from vllm_emosteer.bank import BankError, EmotionBank
 from vllm_emosteer.interop import detect_format, export_gguf, import_gguf, import_paper_json
 
 PAPER = Path(__file__).resolve().parents[2] / "shared/data/emotionvector-paper/EMVector-qwen2.5"
+EXCERPT = Path(__file__).parent / "data/paper-qwen2.5-excerpt"
+
+
+def test_import_paper_excerpt_real_values(tmp_path):
+    """Always runs: two layers of two real files, values unchanged."""
+    import json
+
+    bank = import_paper_json([EXCERPT])
+    assert sorted(bank.emotions) == ["anger", "joy"] and bank.layers == [0, 27] and bank.hidden_size == 3584
+    joy = json.loads((EXCERPT / "qwen2.5_joy.json").read_text())
+    assert torch.equal(bank.vectors[1, bank.emotions.index("joy")], torch.tensor(joy["27"][0], dtype=torch.float32))
+    assert bank.norms()[1].mean() > 5 * bank.norms()[0].mean()  # the paper's vectors grow with depth
+    assert torch.equal(EmotionBank.load(bank.save(tmp_path / "q.safetensors")).vectors, bank.vectors)
 
 
 @pytest.mark.skipif(not PAPER.is_dir(), reason="the paper's Qwen2.5 vectors are not beside this checkout")
