@@ -99,7 +99,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(results))
         return 0
-    print(f"| concurrency | traffic | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
+    print("| concurrency | traffic | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
     print("|---|---|---|---|---|---|---|")
     for key, r in results.items():
         traffic, concurrency = key.split("@")

@@ -10,7 +10,6 @@ import triton
 import triton.language as tl
 
 
-
 def block_config(H: int) -> tuple[int, int]:
     """(BLOCK_H, num_warps) by hidden size. A fixed table, not autotune: autotuning benchmarks on first call,
     which must not happen inside CUDA-graph capture. Not yet measured on a GPU: `benchmarks/kernel.py --sweep`
@@ -43,7 +42,6 @@ def _steer_add_kernel(
     x_ptrs = x_ptr + t.to(tl.int64) * stride_xt + offs_h
     x = tl.load(x_ptrs, mask=mask_h)
     tl.store(x_ptrs, (x.to(tl.float32) + offset).to(x.dtype), mask=mask_h)
-
 
 
 def steer_add_triton(x: torch.Tensor, row_of_token: torch.Tensor, coeff: torch.Tensor, bank: torch.Tensor,

@@ -55,9 +55,9 @@ def cmd_extract(args) -> int:
 
 def _bank_arg(path: str | None):
     from .bank import EmotionBank
-    from .options import bundled_vectors_path
+    from .options import vectors_path
 
-    target = Path(path) if path else bundled_vectors_path()
+    target = vectors_path(path)
     return EmotionBank.load(target), target
 
 
@@ -86,19 +86,18 @@ def cmd_import(args) -> int:
         if not source.exists():
             return _die(f"{source}: no such file or folder")
     fmt = args.format or detect_format(sources[0])
-    model = None
+    config = model = None
     if args.model:
         from transformers import AutoConfig
 
-        model = model_facts(AutoConfig.from_pretrained(args.model), Path(args.model).name)
+        config = AutoConfig.from_pretrained(args.model)
+        model = model_facts(config, Path(args.model).name)
     if fmt == "paper-json":
         bank = import_paper_json(sources, model)
     else:
         bank = import_gguf(sources, args.emotion, model)
-    if model:
-        from transformers import AutoConfig
-
-        bank.check_fits(AutoConfig.from_pretrained(args.model))
+    if config is not None:
+        bank.check_fits(config)
     print(f"wrote {bank.save(args.out)}: {fmt}, emotions {bank.emotions}, {len(bank.layers)} layers, "
           f"hidden {bank.hidden_size}, hook {bank.hook}")
     return 0
@@ -146,16 +145,10 @@ def _shutdown(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def _bank_emotions(args) -> list[str]:
-    from .options import bundled_vectors_path, load_bank
-
-    return load_bank(Path(args.vectors) if args.vectors else bundled_vectors_path()).emotions
-
-
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, extra_variants, markdown, neutral_prompts, plot, recommend, sweep_variants
 
-    emotions = args.emotions or _bank_emotions(args)
+    emotions = args.emotions or _bank_arg(args.vectors)[0].emotions
     prompts = neutral_prompts()[: args.prompts]
     layers = tuple(args.layers) if args.layers else None
     variants = sweep_variants(emotions, args.alphas, args.positions, layers)
@@ -187,12 +180,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .bank import EmotionBank
     from .evaluate import evaluate, markdown, neutral_prompts, recommend, sweep_variants
-    from .options import bundled_vectors_path
 
-    source = Path(args.vectors) if args.vectors else bundled_vectors_path()
-    bank = EmotionBank.load(source)
+    bank, source = _bank_arg(args.vectors)
     prompts = neutral_prompts()[: args.prompts]
     llm = _eval_engine(args)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import textwrap
-from pathlib import Path
 
 QUESTIONS = (
     "Tell me about your day.",
@@ -29,12 +28,12 @@ def run_demo(model: str | None, vectors: str | None, intensity: float, max_token
     from vllm import LLM, SamplingParams
 
     from .default_model import model_path
-    from .options import bundled_vectors_path, load_bank
+    from .options import load_bank, vectors_path
     from .scores import emotion_scores
 
     model = model or str(model_path())
     options = {"vectors": vectors} if vectors else {}
-    emotions = load_bank(Path(vectors) if vectors else bundled_vectors_path()).emotions
+    emotions = load_bank(vectors_path(vectors)).emotions
     llm = LLM(model=model, max_model_len=1024, enforce_eager=not compile_, additional_config={"emosteer": options},
               seed=0)
     rows = variants(emotions, intensity)

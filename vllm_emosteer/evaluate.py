@@ -188,7 +188,6 @@ def plot(result: EvalResult, emotions, out) -> None:
     plt.close(fig)
 
 
-
 MIXES = (("joy", "sadness"), ("anger", "fear"), ("disgust", "joy"), ("joy", "fear"))
 
 

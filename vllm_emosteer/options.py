@@ -32,6 +32,11 @@ def bundled_vectors_path() -> Path:
     return Path(str(resources.files("vllm_emosteer").joinpath(BUNDLED_VECTORS)))
 
 
+def vectors_path(path: str | None) -> Path:
+    """The vectors file a user named, or the bundled one."""
+    return Path(path).expanduser() if path else bundled_vectors_path()
+
+
 @lru_cache(maxsize=8)
 def _load_bank(path: str, mtime: float) -> EmotionBank:
     return EmotionBank.load(path)
@@ -100,10 +105,7 @@ def options_from_vllm_config(vllm_config) -> EmosteerOptions:
         raise EmosteerConfigError(f"unknown emosteer options {unknown}; known: {list(OPTION_KEYS)}")
     hf_config = vllm_config.model_config.hf_config
 
-    if raw.get("vectors"):
-        path = Path(raw["vectors"]).expanduser()
-    else:
-        path = bundled_vectors_path()
+    path = vectors_path(raw.get("vectors"))
     try:
         bank = load_bank(path)
         if not raw.get("vectors") and bank.model.get("config_fingerprint") != config_fingerprint(hf_config):

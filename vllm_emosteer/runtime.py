@@ -97,10 +97,10 @@ class SteeringRuntime:
             self.coeff.copy_to_gpu()
             self.coeff_dirty = False
         slots = np.fromiter((self.slot_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
-        total = int(num_tokens_per_req.sum())
         if self.options.mode == "naive":
             self._prepare_segments(slots, num_tokens_per_req, num_computed)
             return
+        total = int(num_tokens_per_req.sum())
         if (slots == UNSTEERED).all():
             if self.steered_upto:
                 self.rows.np[: self.steered_upto] = UNSTEERED

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-EMOTIONS = ("joy", "anger", "disgust", "fear", "sadness")
+from .extract import EMOTIONS
 
 
 @lru_cache(maxsize=1)
