@@ -24,11 +24,14 @@ INTERPRETER_CHECK = textwrap.dedent("""
         return out
 
     g = torch.Generator().manual_seed(0)
-    cases = [  # T, H, E, dtype, block
-        (0, 64, 5, torch.float32, 32), (1, 64, 5, torch.float32, 32), (7, 100, 5, torch.float16, 32),
-        (13, 96, 3, torch.bfloat16, 64), (9, 130, 1, torch.float32, 64), (16, 64, 8, torch.bfloat16, None),
+    cases = [  # T, H, E, dtype, block_h, block_t (1: per-token kernel, > 1: token tiles)
+        (0, 64, 5, torch.float32, 32, 1), (1, 64, 5, torch.float32, 32, 1), (7, 100, 5, torch.float16, 32, 1),
+        (13, 96, 3, torch.bfloat16, 64, 1), (9, 130, 1, torch.float32, 64, 1), (16, 64, 8, torch.bfloat16, None, 1),
+        (0, 64, 5, torch.float32, 32, 4), (1, 64, 5, torch.float32, 32, 4), (7, 100, 5, torch.float16, 32, 4),
+        (13, 96, 3, torch.bfloat16, 64, 8), (9, 130, 1, torch.float32, 64, 2), (40, 64, 8, torch.bfloat16, 64, 16),
+        (5, 64, 5, torch.float32, None, None),
     ]
-    for T, H, E, dtype, block in cases:
+    for T, H, E, dtype, block, block_t in cases:
         L, S = 3, 6
         for poison in (float("nan"), 7.0):
             wide = torch.randn(T, H + 11, generator=g).to(dtype)  # non-contiguous rows: stride H + 11
@@ -36,12 +39,14 @@ INTERPRETER_CHECK = textwrap.dedent("""
             rows = torch.randint(-1, S, (T + 5,), generator=g, dtype=torch.int32)
             if T:
                 rows[0] = -1
+            if T >= 24:  # a whole tile of -1 rows: the tile returns early
+                rows[16:24] = -1
             coeff = torch.randn(S, L, E, generator=g)
             bank = torch.randn(L, E, H, generator=g)
             expected = reference(x, rows, coeff, bank, 1)
             before = x.clone()
             wide[:, H:] = poison  # anything outside x must stay as it is
-            steer_add_triton(x, rows, coeff, bank, 1, block_h=block)
+            steer_add_triton(x, rows, coeff, bank, 1, block_h=block, block_t=block_t)
             assert torch.isnan(wide[:, H:]).all() if poison != poison else (wide[:, H:] == poison).all()
             tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
             steered = rows[:T] >= 0
@@ -103,3 +108,64 @@ def test_torch_impl_is_the_cpu_dispatch():
     coeff, bank = torch.ones(1, 1, 1), torch.ones(1, 1, 8)
     steer_add_torch(x, rows, coeff, bank, 0)
     assert x[0].sum() == 8 and x[1].sum() == 0
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 48), (48,), (1, 1, 1, 48)])
+def test_op_refuses_inputs_that_are_not_the_flattened_batch(shape):
+    """vLLM passes [T, H]; a 3-D [B, S, H] input would steer the wrong rows (rows index tokens), so it is refused
+    by the op, by its fake (tracing) and by the eager path alike."""
+    from vllm_emosteer.ops import steer_add_eager
+
+    x = torch.zeros(shape)
+    rows = torch.zeros(16, dtype=torch.int32)
+    coeff, bank = torch.ones(1, 1, 2), torch.ones(1, 2, 48)
+    for call in (torch.ops.emosteer.steer_add_, steer_add_torch, steer_add_eager):
+        with pytest.raises(ValueError, match=r"x must be \[T, H\]"):
+            call(x, rows, coeff, bank, 0)
+    with pytest.raises(Exception, match=r"x must be \[T, H\]"):
+        torch.compile(lambda t: torch.ops.emosteer.steer_add_(t, rows, coeff, bank, 0), fullgraph=True)(x)
+    assert not x.any()
+
+
+def test_triton_op_registration_and_trace():
+    """Where Triton imports, the op is a `triton_op`: traced on CPU it becomes the opaque torch op (no nonzero in the
+    graph); on CUDA it would become the Triton kernel itself (checked on the GPU by benchmarks/kernel.py)."""
+    pytest.importorskip("triton")
+    from torch._library.triton import get_triton_kernels_for_op
+
+    import vllm_emosteer.ops as ops
+
+    assert ops.TRITON_OP
+    kernels = get_triton_kernels_for_op("emosteer::steer_add_")
+    assert {k.fn.__name__ for k in kernels} >= {"_steer_add_token", "_steer_add_tile"}, kernels
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    rows = torch.tensor([0, -1, 1], dtype=torch.int32)
+    coeff, bank = torch.randn(2, 1, 3), torch.randn(1, 3, 16)
+
+    def f(x):
+        y = x * 2
+        torch.ops.emosteer.steer_add_(y, rows, coeff, bank, 0)
+        return y
+
+    compiled = torch.compile(f, backend=aot_autograd(fw_compiler=capture), fullgraph=True, dynamic=True)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(compiled(x), f(x))
+    assert "emosteer.steer_add_torch_" in graphs[0] and "nonzero" not in graphs[0], graphs[0]
+
+
+def test_block_table_covers_every_size():
+    pytest.importorskip("triton")
+    from vllm_emosteer.kernels.steer_add import block_config
+
+    for H in (64, 576, 4096, 5000, 8192, 16384):
+        for T in (None, 1, 7, 64, 256, 1024, 8192, 100000):
+            block_t, block_h, warps = block_config(H, T)
+            assert block_t >= 1 and block_h >= 16 and warps in (1, 2, 4, 8, 16)
+            assert block_h <= max(16, 1 << (H - 1).bit_length())

@@ -41,8 +41,10 @@ def local_decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 def _steer(output, runtime, row: int):
     if runtime.options.mode == "naive":
         runtime.naive_add(output, row)
-    else:
+    elif torch.compiler.is_compiling():  # traced: the op, always, so that no host decision is frozen in a graph
         torch.ops.emosteer.steer_add_(output, runtime.rows.gpu, runtime.coeff.gpu, runtime.bank, row)
+    else:  # an eager forward (or one captured into a CUDA graph without compilation): no dispatcher
+        runtime.steer_eager(output, row)
 
 
 def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dict[int, int]) -> list:

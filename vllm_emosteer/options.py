@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from importlib import resources
@@ -20,6 +21,9 @@ from .spec import SteeringLimits
 
 CONFIG_KEY = "emosteer"
 OPTION_KEYS = ("vectors", "max_intensity", "max_emotions", "layers", "mode")
+# Internal: set by the plugin at start-up to `config_digest`, so that vLLM's config hash (its compile-cache key)
+# changes with the vectors file's contents, not only with its path. Workers check it against the file they load.
+DIGEST_KEY = "_digest"
 MODES = ("fused", "naive")
 BUNDLED_VECTORS = "data/smollm2-135m-instruct.safetensors"
 
@@ -74,6 +78,12 @@ class EmosteerOptions:
     def bank_digest(self) -> str:
         return hashlib.sha256(self.bank.vectors.numpy().tobytes()).hexdigest()[:16]
 
+    @cached_property
+    def config_digest(self) -> str:
+        """What compiled graphs depend on: the vectors, the file's layers, hook and emotions."""
+        facts = [self.bank_digest, list(self.bank.layers), self.bank.hook, list(self.bank.emotions)]
+        return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+
     def describe(self) -> dict:
         """What clients may discover about this server's steering."""
         return {
@@ -100,7 +110,7 @@ def options_from_vllm_config(vllm_config) -> EmosteerOptions:
         raw = {}
     if not isinstance(raw, dict):
         raise EmosteerConfigError(f"additional_config.emosteer must be an object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(OPTION_KEYS))
+    unknown = sorted(set(raw) - set(OPTION_KEYS) - {DIGEST_KEY})
     if unknown:
         raise EmosteerConfigError(f"unknown emosteer options {unknown}; known: {list(OPTION_KEYS)}")
     hf_config = vllm_config.model_config.hf_config
@@ -136,6 +146,8 @@ def options_from_vllm_config(vllm_config) -> EmosteerOptions:
     if mode not in MODES:
         raise EmosteerConfigError(f"emosteer.mode must be one of {list(MODES)}, got {mode!r}")
     options = EmosteerOptions(bank, path, float(max_intensity), max_emotions, layers, mode, num_layers)
+    if DIGEST_KEY in raw and raw[DIGEST_KEY] != options.config_digest:
+        raise EmosteerConfigError(f"emosteer: the vectors file {path} changed after the engine started; restart it")
     if not options.steered_rows():
         raise EmosteerConfigError(f"emosteer.layers {layers} selects none of the file's layers {bank.layers}")
     return options

@@ -4,12 +4,16 @@ It installs version-guarded wrappers on vLLM 0.32/0.33 classes. Each wrapper doe
 `additional_config` has an "emosteer" entry, so installing the package changes nothing by itself.
 
 * EngineArgs.create_engine_config (front-end): checks the options and the vectors file at start-up, so a bad
-  file stops the engine with one clear message; on CUDA it selects the V1 model runner (notice logged).
+  file stops the engine with one clear message, and adds a digest of the file (contents, layers, hook, emotions)
+  to `additional_config`, which vLLM hashes into its compile-cache key; on CUDA it selects the V1 model runner
+  (notice logged).
 * InputProcessor.process_inputs (front-end, `LLM` and `vllm serve` alike): validates each request's steering
   before anything is scheduled (SteeringError: ValueError for `LLM`, HTTP 400 for the server) and salts the
   prefix cache of steered requests with the spec's fingerprint.
 * V1 model runner (workers): load_model installs buffers and hooks; execute_model releases finished and
-  preempted requests; _model_forward (real batches only) fills the per-token rows.
+  preempted requests; _preprocess (real batches only) fills the per-token rows and copies them to the device.
+  _preprocess runs inside `synchronize_input_prep`, the window in which vLLM may rewrite its reused pinned host
+  buffers: with async scheduling, the next step waits there for this step's pending copies.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def _patch_engine_args():
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
 
-    from .options import CONFIG_KEY, EmosteerConfigError, is_enabled, options_from_vllm_config
+    from .options import CONFIG_KEY, DIGEST_KEY, EmosteerConfigError, is_enabled, options_from_vllm_config
 
     def make(original):
         def create_engine_config(self, *args, **kwargs):
@@ -61,6 +65,10 @@ def _patch_engine_args():
                         print(f"ERROR: {exc}", file=sys.stderr)
                         raise SystemExit(1) from None
                     raise
+                # vLLM keys its compile cache on additional_config's JSON: with the path alone, a file rewritten
+                # in place (other layers, hook or emotions) would reload graphs that steer the wrong layers
+                raw = dict(config.additional_config[CONFIG_KEY] or {}, **{DIGEST_KEY: options.config_digest})
+                config.additional_config = dict(config.additional_config, **{CONFIG_KEY: raw})
                 logger.info("emosteer: steering enabled: %s", options.describe())
             return config
 
@@ -86,10 +94,16 @@ def _check_engine_features(config, options) -> None:
         problems.append("prefill context parallelism splits tokens across ranks")
     if config.speculative_config is not None:
         problems.append("speculative decoding is not supported yet")
-    if options.mode == "naive" and config.compilation_config.mode != 0:
-        problems.append("mode 'naive' (a Python loop per request) needs enforce_eager=True")
+    if options.mode == "naive" and (config.compilation_config.mode != 0 or _uses_cuda_graphs(config)):
+        problems.append("mode 'naive' (a Python loop per request) needs enforce_eager=True (no compilation, "
+                        "no CUDA graphs: a graph would freeze one step's loop)")
     if problems:
         raise EmosteerConfigError("emosteer cannot steer this engine: " + "; ".join(problems))
+
+
+def _uses_cuda_graphs(config) -> bool:
+    mode = getattr(config.compilation_config, "cudagraph_mode", None)
+    return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
 
 
 def _frontend_options(processor):
@@ -144,6 +158,10 @@ def install_steering(runner) -> None:
 
     options = options_from_vllm_config(runner.vllm_config)
     runtime = SteeringRuntime(options, runner.max_num_tokens, runner.max_num_reqs, runner.device)
+    # Hooks that run eagerly may decide on the host once per step (skip a step without steered tokens, no
+    # per-layer nonzero on CPU); never where the forward is captured into a CUDA graph.
+    runtime.host_plan = runner.device.type == "cpu" or not _uses_cuda_graphs(runner.vllm_config)
+    runtime.register_buffers(runner.get_model())
     rows = {options.bank.layers[row]: row for row in options.steered_rows()}
     runtime.handles = install_hooks(runner.get_model(), runtime, options.bank.hook, rows)
     if not runtime.handles and runner.vllm_config.parallel_config.pipeline_parallel_size == 1:
@@ -192,13 +210,14 @@ def _patch_v1_runner():
 
         return execute_model
 
-    def make_forward(original):
-        def _model_forward(self, *args, **kwargs):
+    def make_prepare(original):
+        def wrapper(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
             if getattr(self, "_emosteer", None) is not None:
                 _prepare_step(self)
-            return original(self, *args, **kwargs)
+            return result
 
-        return _model_forward
+        return wrapper
 
     runners = [GPUModelRunner]
     if current_platform.is_cpu():
@@ -209,7 +228,9 @@ def _patch_v1_runner():
         if "load_model" in cls.__dict__:
             _wrap(cls, "load_model", make_load)
     _wrap(GPUModelRunner, "execute_model", make_execute)
-    _wrap(GPUModelRunner, "_model_forward", make_forward)
+    # _preprocess runs last inside synchronize_input_prep (vLLM 0.32/0.33); _model_forward runs after it
+    _wrap(GPUModelRunner, "_preprocess" if hasattr(GPUModelRunner, "_preprocess") else "_model_forward",
+          make_prepare)
 
 
 def _patch_v2_runner():

@@ -12,17 +12,32 @@ reads them as tensors, so a compiled graph or a CUDA graph sees new values at ev
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from vllm.v1.utils import CpuGpuBuffer
 
+from .ops import steer_add_eager
 from .options import EmosteerOptions
 from .spec import SteeringError, SteeringSpec, parse_steering
 
 logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
 UNSTEERED = -1
 NEVER = np.iinfo(np.int64).max
+
+
+@dataclass
+class StepPlan:
+    """This step's steering, from the host's view: `steered` of the first `total` tokens are steered; `index` holds
+    their positions (None: all of them), `coeff` the coefficient rows of their slots [S, L, E], `slot_of_token` the
+    index into `coeff` of each steered token (None: one slot for all)."""
+
+    total: int
+    steered: int = 0
+    index: torch.Tensor | None = None
+    coeff: torch.Tensor | None = None
+    slot_of_token: torch.Tensor | None = None
 
 
 class SteeringRuntime:
@@ -48,6 +63,16 @@ class SteeringRuntime:
         self.coeff_dirty = False
         self.steered_upto = 0  # rows[:steered_upto] may hold stale slots
         self.segments: list[tuple[int, int, int]] = []  # mode "naive" only: (first token, end, slot) per request
+        # Host-side plan of the step, for forwards that run eagerly (set by install_steering: CPU, or CUDA without
+        # CUDA graphs). Compiled graphs and captured CUDA graphs always call the op and never read it.
+        self.host_plan = False
+        self.plan: StepPlan | None = None
+
+    def register_buffers(self, model: torch.nn.Module) -> None:
+        """Make the device tensors non-persistent buffers of the model: vLLM's sleep mode (level 2) discards the
+        weights pool they live in and restores only parameters and named buffers."""
+        for name, tensor in (("bank", self.bank), ("rows", self.rows.gpu), ("coeff", self.coeff.gpu)):
+            model.register_buffer(f"emosteer_{name}", tensor, persistent=False)
 
     # ---- request lifetime -------------------------------------------------------------------------------
     def forget(self, req_ids) -> None:
@@ -106,15 +131,60 @@ class SteeringRuntime:
                 self.rows.np[: self.steered_upto] = UNSTEERED
                 self.rows.copy_to_gpu(self.steered_upto)
                 self.steered_upto = 0
+            self.plan = StepPlan(total) if self.host_plan else None
             return
         token_slot = np.repeat(slots, num_tokens_per_req)
         positions = np.repeat(num_computed, num_tokens_per_req) + query_pos[:total]
         first_steered = np.where(token_slot >= 0, self.start_of_slot[token_slot], NEVER)
-        self.rows.np[:total] = np.where(positions >= first_steered, token_slot, UNSTEERED)
+        rows = self.rows.np[:total]
+        rows[:] = np.where(positions >= first_steered, token_slot, UNSTEERED)
         stale = max(self.steered_upto, total)
         self.rows.np[total:stale] = UNSTEERED
         self.rows.copy_to_gpu(stale)
         self.steered_upto = total
+        if self.host_plan:
+            self.plan = self._plan(rows, total)
+
+    def _plan(self, rows: np.ndarray, total: int) -> StepPlan:
+        """What this step steers, decided once on the host, so that eager forwards skip or simplify each layer."""
+        steered = rows >= 0
+        n = int(steered.sum())
+        if n == 0:
+            return StepPlan(total)
+        if self.bank.device.type != "cpu":  # CUDA without graphs: the kernel, launched directly, or nothing
+            return StepPlan(total, steered=n)
+        index = None if n == total else torch.from_numpy(np.flatnonzero(steered))
+        token_slots = rows[steered] if index is not None else rows
+        first = token_slots[0]
+        if (token_slots == first).all():  # one request's mix (a single client, or one spec)
+            slots, slot_of_token = torch.tensor([int(first)]), None
+        else:
+            unique, inverse = np.unique(token_slots, return_inverse=True)
+            slots, slot_of_token = torch.from_numpy(unique), torch.from_numpy(inverse)
+        return StepPlan(total, n, index, self.coeff.gpu[slots], slot_of_token)
+
+    def steer_eager(self, x: torch.Tensor, row: int) -> None:
+        """The op's work for an eager forward, using this step's host plan (the op itself where there is none)."""
+        plan = self.plan
+        if plan is None or x.dim() != 2 or x.shape[0] < plan.total:  # e.g. a dummy run: the general op
+            steer_add_eager(x, self.rows.gpu, self.coeff.gpu, self.bank, row)
+            return
+        if plan.steered == 0:
+            return
+        if plan.coeff is None:  # CUDA
+            steer_add_eager(x, self.rows.gpu, self.coeff.gpu, self.bank, row)
+            return
+        offset = plan.coeff[:, row] @ self.bank[row]  # [slots, H] fp32
+        if plan.slot_of_token is not None:
+            offset = offset[plan.slot_of_token]
+        if plan.index is None:
+            steered = x[: plan.total]
+            if x.dtype == torch.float32:
+                steered.add_(offset)
+            else:
+                steered.copy_(steered.float() + offset)
+        else:
+            x[plan.index] = (x[plan.index].float() + offset).to(x.dtype)
 
     # ---- the naive baseline (mode "naive"): what hook-based peers do --------------------------------------
     def _prepare_segments(self, slots, num_tokens_per_req, num_computed) -> None:
