@@ -1,0 +1,241 @@
+"""What the CUDA path depends on, checked on CPU (issue 10): the GPU benchmark's whole path runs here first
+(--smoke, without vLLM and without the installed package); the compile cache key follows the vectors file's
+contents; per-step copies happen inside vLLM's input-prep window (the async-scheduling race); the device tensors
+are model buffers (sleep mode level 2); naive mode refuses CUDA graphs; the eager host plan equals the op."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import EMOTIONS, TINY_HIDDEN, TINY_LAYERS, make_tiny_bank
+from engine_helpers import params, prompt, shutdown, tiny_llm
+
+from vllm_emosteer import steer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The GPU machine has PyTorch, Triton and transformers but neither vLLM nor this package installed.
+WITHOUT_VLLM = textwrap.dedent("""
+    import importlib.abc, runpy, sys
+
+    class NoVllm(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "vllm" or name.startswith("vllm."):
+                raise ImportError("no vLLM on this machine: " + name)
+            return None
+
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]  # not installed either
+    sys.meta_path.insert(0, NoVllm())
+    sys.path[:] = [p for p in sys.path if p not in ("", ROOT)]
+    sys.argv = ["benchmarks/kernel.py", "--smoke", "--sweep"]
+    runpy.run_path(ROOT + "/benchmarks/kernel.py", run_name="__main__")
+    assert not [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]
+""")
+
+
+def test_kernel_benchmark_smoke_runs_without_vllm():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    try:
+        import triton  # noqa: F401
+
+        env["TRITON_INTERPRET"] = "1"  # the Triton kernels and the sweep run too, in the interpreter
+    except ImportError:
+        pass
+    result = subprocess.run([sys.executable, "-c", f"ROOT = {str(ROOT)!r}\n" + WITHOUT_VLLM], cwd="/",
+                            capture_output=True, text=True, timeout=600, env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "all checks OK" in result.stdout, out[-4000:]
+    assert "check_model" not in out and "FAIL" not in out, out[-4000:]
+    if "TRITON_INTERPRET" in env:
+        assert "sweep H=64 T=40" in result.stdout, out[-4000:]
+
+
+def _config_hash(model_dir, vectors):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=str(model_dir), dtype="float32", max_model_len=256,
+                      additional_config={"emosteer": {"vectors": str(vectors)}})
+    return args.create_engine_config().compute_hash()
+
+
+def test_compile_cache_key_follows_the_vectors_file_contents(tiny_llama, tmp_path):
+    """Same path, other contents (vectors, hook) => another config hash, so no compiled graph is reused."""
+    path = tmp_path / "v.safetensors"
+    make_tiny_bank(tiny_llama, path, seed=1)
+    first = _config_hash(tiny_llama, path)
+    assert _config_hash(tiny_llama, path) == first  # stable
+    make_tiny_bank(tiny_llama, path, seed=2)
+    os.utime(path, (1_000_000_000, 1_000_000_000))  # a new mtime even within the same second
+    second = _config_hash(tiny_llama, path)
+    make_tiny_bank(tiny_llama, path, seed=2, hook="residual")
+    os.utime(path, (1_000_000_100, 1_000_000_100))
+    third = _config_hash(tiny_llama, path)
+    assert len({first, second, third}) == 3
+
+
+def test_worker_refuses_a_file_changed_after_start(tiny_llama, tmp_path):
+    from vllm_emosteer.options import DIGEST_KEY, EmosteerConfigError, options_from_vllm_config
+
+    path = tmp_path / "v.safetensors"
+    make_tiny_bank(tiny_llama, path)
+    from vllm.engine.arg_utils import EngineArgs
+
+    config = EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=256,
+                        additional_config={"emosteer": {"vectors": str(path)}}).create_engine_config()
+    assert DIGEST_KEY in config.additional_config["emosteer"]
+    make_tiny_bank(tiny_llama, path, seed=7)
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    with pytest.raises(EmosteerConfigError, match="changed after the engine started"):
+        options_from_vllm_config(config)
+
+
+def test_naive_mode_refuses_cuda_graphs(tiny_llama, tiny_bank_path):
+    """Compilation off but CUDA graphs on (`-cc.mode=none`): a captured graph would freeze one step's loop.
+    The CPU platform always turns CUDA graphs off, so the check runs on a config that has them."""
+    from vllm.config import CUDAGraphMode
+
+    from vllm_emosteer.options import EmosteerConfigError, options_from_vllm_config
+    from vllm_emosteer.plugin import _check_engine_features
+
+    vllm_config = SimpleNamespace(additional_config={"emosteer": {"vectors": str(tiny_bank_path), "mode": "naive"}},
+                                  model_config=SimpleNamespace(hf_config=None, hf_text_config=None))
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(tiny_llama)
+    vllm_config.model_config = SimpleNamespace(hf_config=hf, hf_text_config=hf, architectures=["LlamaForCausalLM"])
+    options = options_from_vllm_config(vllm_config)
+    for mode, cudagraphs, refused in ((0, CUDAGraphMode.FULL, True), (0, CUDAGraphMode.PIECEWISE, True),
+                                      (3, CUDAGraphMode.NONE, True), (0, CUDAGraphMode.NONE, False)):
+        config = SimpleNamespace(
+            model_config=vllm_config.model_config, speculative_config=None,
+            parallel_config=SimpleNamespace(enable_dbo=False, prefill_context_parallel_size=1),
+            compilation_config=SimpleNamespace(mode=mode, cudagraph_mode=cudagraphs),
+        )
+        if refused:
+            with pytest.raises(EmosteerConfigError, match="needs enforce_eager"):
+                _check_engine_features(config, options)
+        else:
+            _check_engine_features(config, options)
+
+
+# ---- inside the real CPU engine's worker (functions run there through LLM.apply_model) ----------------------
+COPIES = []
+
+
+def watch_input_prep(model):
+    """Flag vLLM's input-prep window and record, for every copy of the plugin's buffers, whether it is inside."""
+    import contextlib
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    state = {"inside": False}
+    original = GPUModelRunner.synchronize_input_prep
+
+    @contextlib.contextmanager
+    def flagged(self):
+        with original(self):
+            state["inside"] = True
+            try:
+                yield
+            finally:
+                state["inside"] = False
+
+    GPUModelRunner.synchronize_input_prep = flagged
+    runtime = model.emosteer_runtime
+    for name in ("rows", "coeff"):
+        buffer = getattr(runtime, name)
+        copy = buffer.copy_to_gpu
+
+        def recorded(*args, copy=copy, name=name):
+            COPIES.append((name, state["inside"]))
+            return copy(*args)
+
+        buffer.copy_to_gpu = recorded
+    return True
+
+
+def take_copies(model):
+    out = list(COPIES)
+    COPIES.clear()
+    return out
+
+
+def buffer_names(model):
+    runtime = model.emosteer_runtime
+    buffers = dict(model.named_buffers())
+    return {name: buffers[name].data_ptr() == tensor.data_ptr() for name, tensor in
+            (("emosteer_bank", runtime.bank), ("emosteer_rows", runtime.rows.gpu),
+             ("emosteer_coeff", runtime.coeff.gpu)) if name in buffers}
+
+
+def test_copies_inside_input_prep_window_and_buffers_registered(tiny_llama, tiny_bank_path):
+    llm = tiny_llm(tiny_llama, tiny_bank_path)
+    try:
+        assert llm.apply_model(buffer_names) == [{"emosteer_bank": True, "emosteer_rows": True,
+                                                  "emosteer_coeff": True}]
+        llm.apply_model(watch_input_prep)
+        specs = [steer(joy=1.0), None, steer(anger=0.5, positions="all")]
+        llm.generate([prompt(70, i) for i in range(3)], [params(s) for s in specs])  # chunked prefill + decode
+        llm.generate([prompt(10, 9)], [params()])  # an unsteered step after steered ones: rows are reset
+        copies = [c for worker in llm.apply_model(take_copies) for c in worker]
+    finally:
+        shutdown(llm)
+    assert {name for name, _ in copies} == {"rows", "coeff"}, copies
+    assert all(inside for _, inside in copies), [c for c in copies if not c[1]]
+
+
+# ---- the eager host plan against the op ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    from vllm_emosteer.bank import EmotionBank
+    from vllm_emosteer.options import EmosteerOptions
+    from vllm_emosteer.runtime import SteeringRuntime
+
+    g = torch.Generator().manual_seed(3)
+    bank = EmotionBank(torch.randn(TINY_LAYERS, len(EMOTIONS), TINY_HIDDEN, generator=g), EMOTIONS, "attn_out",
+                       list(range(TINY_LAYERS)))
+    options = EmosteerOptions(bank, Path("unused"), 8.0, len(EMOTIONS), None, "fused", TINY_LAYERS)
+    rt = SteeringRuntime(options, max_tokens=64, max_slots=6, device=torch.device("cpu"))
+    rt.host_plan = True
+    rt.coeff.np[:] = np.random.default_rng(0).normal(size=rt.coeff.np.shape)
+    return rt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "slots, tokens, computed, padding",
+    [
+        ([-1, -1], [3, 1], [0, 5], 0),  # nothing steered: skipped
+        ([2], [1], [9], 0),  # one client decoding: all steered, one slot
+        ([2, 4, 1], [1, 1, 1], [9, 3, 30], 2),  # decode batch, several slots, padded x
+        ([2, -1, 4], [5, 3, 1], [0, 0, 40], 0),  # prefill (response: only the last prompt token) + decode
+        ([3, 3], [4, 1], [0, 8], 1),  # one slot, some tokens steered
+    ],
+)
+def test_host_plan_equals_the_op(runtime, dtype, slots, tokens, computed, padding):
+    from vllm_emosteer.ops import steer_add_torch
+
+    req_ids = [f"r{i}" for i in range(len(slots))]
+    runtime.slot_of = dict(zip(req_ids, slots))
+    for slot in slots:
+        if slot >= 0:
+            runtime.start_of_slot[slot] = 3  # "response" from position 3
+    tokens, computed = np.array(tokens), np.array(computed)
+    query_pos = np.concatenate([np.arange(n) for n in tokens])
+    runtime.prepare(req_ids, {}, tokens, computed, query_pos)
+    total = int(tokens.sum())
+    x = torch.randn(total + padding, TINY_HIDDEN).to(dtype)
+    expected = x.clone()
+    for layer in range(TINY_LAYERS):
+        steer_add_torch(expected, runtime.rows.gpu, runtime.coeff.gpu, runtime.bank, layer)
+        runtime.steer_eager(x, layer)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(x, expected, rtol=tol, atol=tol)
+    if all(s < 0 for s in slots):
+        assert runtime.plan.steered == 0
