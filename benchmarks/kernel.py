@@ -402,8 +402,8 @@ def table_from_sweep(results, bandwidth):
         best[(H, T)] = tuple(map(int, config.split("/")))
         floor = 2 * T * H * 2 / (bandwidth * 1e9) * 1e6
         rows.append((H, T, config, times[config], floor))
-    for H in sorted({h for h, _ in best}):
-        keys = [k for k in results if k.startswith(f"{H}/") and results[k]]
+    for H in sorted({h for h, _ in best}):  # T >= 16: below, token tiles are not swept (BLOCK_T <= T)
+        keys = [k for k in results if k.startswith(f"{H}/") and results[k] and int(k.split("/")[1]) >= 16]
         common = set.intersection(*(set(results[k]) for k in keys))
         score = {c: sum(math.log(results[k][c] / min(results[k].values())) for k in keys) for c in common}
         if score:
