@@ -25,17 +25,20 @@ from .spec import SteeringError, SteeringSpec, parse_steering
 logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
 UNSTEERED = -1
 NEVER = np.iinfo(np.int64).max
+PRECOMPUTE_LIMIT = 1 << 22  # floats: per-step offsets [L, S, H] up to 16 MiB, else per layer from coefficients
 
 
 @dataclass
 class StepPlan:
     """This step's steering, from the host's view: `steered` of the first `total` tokens are steered; `index` holds
-    their positions (None: all of them), `coeff` the coefficient rows of their slots [S, L, E], `slot_of_token` the
-    index into `coeff` of each steered token (None: one slot for all)."""
+    their positions (None: all of them); `offsets` [L, S, H] the offset of each of their S slots at every bank row,
+    computed once per step, or, where that would be large, `coeff` [S, L, E] their coefficient rows; `slot_of_token`
+    the slot (0..S-1) of each steered token (None: one slot for all)."""
 
     total: int
     steered: int = 0
     index: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
     coeff: torch.Tensor | None = None
     slot_of_token: torch.Tensor | None = None
 
@@ -47,8 +50,6 @@ class SteeringRuntime:
         self.limits = options.limits
         L, E, _ = bank.vectors.shape
         self.bank = bank.vectors.to(device)  # fp32 [L, E, H]
-        self.scales = np.array([bank.scale(e) for e in bank.emotions], dtype=np.float32)
-        self.layer_of_row = np.array(bank.layers)
         pin = device.type == "cuda"
         self.rows = CpuGpuBuffer(max_tokens, dtype=torch.int32, device=device, pin_memory=pin)
         self.coeff = CpuGpuBuffer(max_slots, L, E, dtype=torch.float32, device=device, pin_memory=pin)
@@ -161,7 +162,11 @@ class SteeringRuntime:
         else:
             unique, inverse = np.unique(token_slots, return_inverse=True)
             slots, slot_of_token = torch.from_numpy(unique), torch.from_numpy(inverse)
-        return StepPlan(total, n, index, self.coeff.gpu[slots], slot_of_token)
+        coeff = self.coeff.gpu[slots]  # [S, L, E]
+        if coeff.shape[0] * self.bank.shape[0] * self.bank.shape[2] <= PRECOMPUTE_LIMIT:
+            offsets = torch.bmm(coeff.transpose(0, 1), self.bank)  # [L, S, H]: one op per step, not per layer
+            return StepPlan(total, n, index, offsets=offsets, slot_of_token=slot_of_token)
+        return StepPlan(total, n, index, coeff=coeff, slot_of_token=slot_of_token)
 
     def steer_eager(self, x: torch.Tensor, row: int) -> None:
         """The op's work for an eager forward, using this step's host plan (the op itself where there is none)."""
@@ -171,18 +176,17 @@ class SteeringRuntime:
             return
         if plan.steered == 0:
             return
-        if plan.coeff is None:  # CUDA
+        if plan.offsets is not None:
+            offset = plan.offsets[row]  # [S, H] fp32
+        elif plan.coeff is not None:
+            offset = plan.coeff[:, row] @ self.bank[row]
+        else:  # CUDA: the kernel, launched directly
             steer_add_eager(x, self.rows.gpu, self.coeff.gpu, self.bank, row)
             return
-        offset = plan.coeff[:, row] @ self.bank[row]  # [slots, H] fp32
         if plan.slot_of_token is not None:
             offset = offset[plan.slot_of_token]
         if plan.index is None:
-            steered = x[: plan.total]
-            if x.dtype == torch.float32:
-                steered.add_(offset)
-            else:
-                steered.copy_(steered.float() + offset)
+            x[: plan.total].add_(offset)  # the sum in fp32, rounded once into x's dtype (as the op)
         else:
             x[plan.index] = (x[plan.index].float() + offset).to(x.dtype)
 
