@@ -15,8 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 FORMAT = "vllm-emosteer-bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: units, typical_norms, bands (a version-1 file loads as units "alpha", no bands)
 HOOKS = ("attn_out", "residual")
+UNITS = ("alpha", "dose")
 TENSOR_NAME = "vectors"
 FINGERPRINT_KEYS = (
     "architectures",
@@ -69,7 +70,13 @@ class EmotionBank:
     layers: list[int]  # model layer index of each row of `vectors`
     model: dict = field(default_factory=dict)  # architecture, hidden_size, num_layers, config_fingerprint, name
     recipe: dict = field(default_factory=dict)
-    calibration: dict[str, float] = field(default_factory=dict)  # emotion -> alpha that intensity 1.0 means
+    # emotion -> what intensity 1.0 means: an alpha (units "alpha") or a relative dose (units "dose")
+    calibration: dict[str, float] = field(default_factory=dict)
+    # "alpha": offset = alpha * EV[l, e] (the paper's). "dose": offset = dose * typical_norms[l] * unit(EV[l, e]),
+    # so one number means the same push at every layer and in every model
+    units: str = "alpha"
+    typical_norms: list[float] | None = None  # per row: median token norm of the hooked activation (extraction)
+    bands: dict[str, list[int]] = field(default_factory=dict)  # emotion -> [first, last] layers it steers by default
 
     def __post_init__(self):
         self.vectors = self.vectors.detach().to(torch.float32).contiguous()
@@ -91,9 +98,21 @@ class EmotionBank:
             raise BankError(f"metadata says hidden size {self.model['hidden_size']}, tensor has {H}")
         if not torch.isfinite(self.vectors).all():
             raise BankError("vectors contain NaN or inf")
-        unknown = set(self.calibration) - set(self.emotions)
+        unknown = (set(self.calibration) | set(self.bands)) - set(self.emotions)
         if unknown:
             raise BankError(f"calibration names emotions not in the bank: {sorted(unknown)}")
+        if self.units not in UNITS:
+            raise BankError(f"unknown units {self.units!r}; known: {list(UNITS)}")
+        if self.typical_norms is not None:
+            self.typical_norms = [float(v) for v in self.typical_norms]
+            if len(self.typical_norms) != L or not all(v > 0 for v in self.typical_norms):
+                raise BankError(f"typical_norms must hold {L} positive numbers, got {self.typical_norms}")
+        if self.units == "dose" and self.typical_norms is None:
+            raise BankError("units 'dose' need typical_norms (re-extract with `vllm-emosteer extract`)")
+        for emotion, band in self.bands.items():
+            if not (isinstance(band, (list, tuple)) and len(band) == 2 and band[0] <= band[1]):
+                raise BankError(f"band of {emotion} must be [first, last], got {band!r}")
+            self.bands[emotion] = [int(band[0]), int(band[1])]
 
     @property
     def hidden_size(self) -> int:
@@ -107,7 +126,13 @@ class EmotionBank:
         is removed, what tells them apart stays. Calibration is dropped (the vectors changed)."""
         shared = self.vectors.mean(dim=1, keepdim=True)
         recipe = dict(self.recipe, transform=self.recipe.get("transform", []) + ["remove shared component"])
-        return EmotionBank(self.vectors - shared, self.emotions, self.hook, self.layers, dict(self.model), recipe)
+        return EmotionBank(self.vectors - shared, self.emotions, self.hook, self.layers, dict(self.model), recipe,
+                           units=self.units, typical_norms=self.typical_norms)
+
+    def uncalibrated(self) -> "EmotionBank":
+        """The same vectors without calibration or bands: an intensity is then a plain dose (or alpha)."""
+        return EmotionBank(self.vectors, self.emotions, self.hook, self.layers, dict(self.model), dict(self.recipe),
+                           units=self.units, typical_norms=self.typical_norms)
 
     def select_layers(self, first: int, last: int) -> "EmotionBank":
         """Only the rows of layers first..last: an engine using this file hooks only those layers."""
@@ -115,11 +140,47 @@ class EmotionBank:
         if not keep:
             raise BankError(f"no layer of {self.layers} is in [{first}, {last}]")
         recipe = dict(self.recipe, transform=self.recipe.get("transform", []) + [f"layers {first}-{last}"])
+        norms = [self.typical_norms[r] for r in keep] if self.typical_norms else None
         return EmotionBank(self.vectors[keep], self.emotions, self.hook, [self.layers[r] for r in keep],
-                           dict(self.model), recipe)
+                           dict(self.model), recipe, units=self.units, typical_norms=norms)
 
     def scale(self, emotion: str) -> float:
         return float(self.calibration.get(emotion, 1.0))
+
+    def dose_per_alpha(self) -> torch.Tensor | None:
+        """[L, E]: the relative dose |EV[l, e]| / typical_norms[l] that one unit of raw alpha adds (None: no norms)."""
+        if self.typical_norms is None:
+            return None
+        return self.norms() / torch.tensor(self.typical_norms)[:, None]
+
+    def coefficients(self, intensities: dict[str, float], raw: bool = False,
+                     layers: tuple[int, int] | None = None) -> torch.Tensor:
+        """[L, E]: the factor of EV[l, e] that a request adds at each row, so offset_l = sum_e c[l, e] * EV[l, e].
+
+        raw: intensities are alphas on every layer (or `layers`). Otherwise intensity x the calibrated scale, in
+        the file's units, on `layers`, else the emotion's calibrated band, else every layer."""
+        coeff = torch.zeros(self.vectors.shape[:2], dtype=torch.float64)
+        rows = torch.tensor(self.layers)
+        unit = (torch.tensor(self.typical_norms, dtype=torch.float64)[:, None]
+                / self.norms().double().clamp_min(1e-12)) if self.units == "dose" else None
+        for emotion, intensity in intensities.items():
+            e = self.emotions.index(emotion)
+            first, last = layers or (None if raw else self.bands.get(emotion)) or (0, max(self.layers))
+            in_band = ((rows >= first) & (rows <= last)).double()
+            if raw:
+                coeff[:, e] = intensity * in_band
+            elif unit is None:
+                coeff[:, e] = intensity * self.scale(emotion) * in_band
+            else:
+                coeff[:, e] = intensity * self.scale(emotion) * unit[:, e] * in_band
+        return coeff.float()
+
+    def digest(self) -> str:
+        """Everything that decides what a request adds: the vectors and the metadata that scales them."""
+        h = hashlib.sha256(self.vectors.numpy().tobytes())
+        h.update(json.dumps([self.units, self.typical_norms, self.calibration, self.bands, self.layers,
+                             self.hook, self.emotions], sort_keys=True).encode())
+        return h.hexdigest()[:16]
 
     def metadata(self) -> dict:
         return {
@@ -131,6 +192,9 @@ class EmotionBank:
             "model": self.model,
             "recipe": self.recipe,
             "calibration": self.calibration,
+            "units": self.units,
+            "typical_norms": self.typical_norms,
+            "bands": self.bands,
             "norms": [[round(float(v), 6) for v in row] for row in self.norms()],
         }
 
@@ -187,6 +251,9 @@ class EmotionBank:
                 model=meta.get("model", {}),
                 recipe=meta.get("recipe", {}),
                 calibration=meta.get("calibration", {}),
+                units=meta.get("units", "alpha"),
+                typical_norms=meta.get("typical_norms"),
+                bands=meta.get("bands", {}),
             )
         except KeyError as exc:
             raise BankError(f"{path}: metadata lacks {exc}") from exc

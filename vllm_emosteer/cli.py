@@ -30,7 +30,7 @@ def cmd_extract(args) -> int:
 
     unknown = [e for e in args.emotions if e not in EMOTIONS]
     if unknown:
-        return _die(f"unknown emotion(s) {unknown}; EmotionQuery has {list(EMOTIONS)}")
+        return _die(f"unknown emotion(s) {unknown}; known: {list(EMOTIONS)}")
     model = args.model or str(model_path())
     if not Path(model).is_dir():
         return _die(f"model folder not found: {model} (no model hub here: give a local folder)")
@@ -38,18 +38,35 @@ def cmd_extract(args) -> int:
     if args.neutral_template:
         templates["neutral"] = args.neutral_template
     if args.emotion_template:
-        if "{emotion}" not in args.emotion_template:
+        if args.recipe == "paper" and "{emotion}" not in args.emotion_template:
             return _die("--emotion-template must contain {emotion}")
-        templates["emotional"] = args.emotion_template
+        if args.recipe == "contrast" and "{question}" not in args.emotion_template:
+            return _die("--emotion-template must contain {question} (and {emotion} or {description})")
+        templates["emotional" if args.recipe == "paper" else "contrast"] = args.emotion_template
+    questions = args.questions_per_emotion or (100 if args.recipe == "contrast" else 50)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     tokenizer = AutoTokenizer.from_pretrained(model)
     hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.dtype)).eval()
-    bank, _ = extract(
-        hf_model, tokenizer, emotions=args.emotions, questions_per_emotion=args.questions_per_emotion,
-        hook=args.hook, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-        templates=templates, model_name=DEFAULT_MODEL_NAME if args.model is None else Path(model).name,
-    )
-    print(f"wrote {bank.save(args.out)}: {list(bank.vectors.shape)} (layers, emotions, hidden), hook {bank.hook}")
+    try:
+        bank, _ = extract(
+            hf_model, tokenizer, emotions=args.emotions, recipe=args.recipe, questions_per_emotion=questions,
+            hook=args.hook, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+            templates=templates, filter_pairs=not args.no_filter,
+            model_name=DEFAULT_MODEL_NAME if args.model is None else Path(model).name,
+        )
+    except ValueError as exc:
+        return _die(str(exc), 1)
+    contrast = bank.recipe.get("contrast")
+    if contrast:
+        print("contrast (share of answers whose top emotion is the target; kept answers):")
+        print("| emotion | emotional: NADE | emotional: MiniLM | neutral: NADE | neutral: MiniLM | kept emotional | "
+              "kept neutral |\n|---|---|---|---|---|---|---|")
+        for e, c in contrast.items():
+            print(f"| {e} | {c['emotional_nade_hit']:.2f} | {c['emotional_minilm_hit']:.2f} | "
+                  f"{c['neutral_nade_hit']:.2f} | {c['neutral_minilm_hit']:.2f} | {c['emotional_kept']}/{c['pairs']} | "
+                  f"{c['neutral_kept']} |")
+    print(f"wrote {bank.save(args.out)}: {list(bank.vectors.shape)} (layers, emotions, hidden), hook {bank.hook}, "
+          f"units {bank.units}; calibrate it next: vllm-emosteer calibrate --vectors {args.out}")
     return 0
 
 
@@ -129,15 +146,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _eval_engine(args):
+def _run_variants(args, vectors: str | None, variants, prompts):
+    """Start an engine with the plugin on `vectors`, run the variants, stop the engine."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM
 
     from .default_model import model_path
+    from .evaluate import evaluate
 
-    options = {"vectors": args.vectors} if args.vectors else {}
-    return LLM(model=args.model or str(model_path()), max_model_len=1024, enforce_eager=True, max_num_seqs=256,
-               seed=0, additional_config={"emosteer": options})
+    options = {"vectors": vectors, "max_intensity": 100.0, "max_dose": 100.0} if vectors else {}
+    llm = LLM(model=args.model or str(model_path()), max_model_len=1024, enforce_eager=True, max_num_seqs=256,
+              seed=0, additional_config={"emosteer": options})
+    try:
+        return evaluate(llm, variants, prompts, args.max_tokens)
+    finally:
+        _shutdown(llm)
 
 
 def _shutdown(llm) -> None:
@@ -145,25 +168,43 @@ def _shutdown(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def cmd_eval(args) -> int:
-    from .evaluate import evaluate, extra_variants, markdown, neutral_prompts, plot, recommend, sweep_variants
+def _bands(args, bank) -> list:
+    from .evaluate import band_layers
 
-    emotions = args.emotions or _bank_arg(args.vectors)[0].emotions
+    if args.layers:
+        return [tuple(args.layers)]
+    return [band_layers(name, bank.model.get("num_layers") or max(bank.layers) + 1) for name in args.bands]
+
+
+def _sweep(args, bank, emotions, prompts, values, bands):
+    """Sweep on an uncalibrated copy of the file: an intensity is then a plain dose (or alpha) on the band."""
+    import tempfile
+
+    from .evaluate import sweep_variants
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(bank.uncalibrated().save(Path(tmp) / "uncalibrated.safetensors"))
+        return _run_variants(args, path, sweep_variants(emotions, values, args.positions, bands), prompts)
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import (calibrated_variants, extra_variants, markdown, neutral_prompts, plot, prompt_variants,
+                           Variant)
+
+    bank, source = _bank_arg(args.vectors)
+    emotions = args.emotions or bank.emotions
     prompts = neutral_prompts()[: args.prompts]
-    layers = tuple(args.layers) if args.layers else None
-    variants = sweep_variants(emotions, args.alphas, args.positions, layers)
-    llm = _eval_engine(args)
-    try:
-        result = evaluate(llm, variants, prompts, args.max_tokens)
-        best = recommend(result, emotions)
-        if args.extras:
-            chosen = {e: best[e] or args.extras for e in emotions}
-            extra = evaluate(llm, [variants[0]] + extra_variants(chosen), prompts, args.max_tokens)  # + baseline
-            result.rows += [r for r in extra.rows if r["label"] != "unsteered"]
-    finally:
-        _shutdown(llm)
-    report = {"prompts": len(prompts), "max_tokens": args.max_tokens, "layers": layers, "positions": args.positions,
-              "recommended_alpha": best, "rows": result.rows}
+    variants = [Variant("unsteered", None)] + prompt_variants(emotions)
+    if bank.calibration:
+        variants += calibrated_variants(emotions, args.intensity)
+    if args.extras:
+        variants += extra_variants(emotions, args.intensity)
+    result = _run_variants(args, args.vectors, variants, prompts)
+    if args.alphas:
+        swept = _sweep(args, bank, emotions, prompts, args.alphas, _bands(args, bank))
+        result.rows += swept.rows[1:]  # its unsteered answers are the first run's (greedy, same engine settings)
+    report = {"vectors": str(source), "units": bank.units, "prompts": len(prompts), "max_tokens": args.max_tokens,
+              "calibration": bank.calibration, "bands": bank.bands, "rows": result.rows}
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -174,31 +215,33 @@ def cmd_eval(args) -> int:
         print(json.dumps(report))
     else:
         print(markdown(result))
-        print(f"\nrecommended alpha per emotion (best hit rate with distinct-2 >= 0.6, on-topic >= 0.3 and "
-              f"perplexity <= 4x unsteered): {best}")
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from .evaluate import evaluate, markdown, neutral_prompts, recommend, sweep_variants
+    from .evaluate import THRESHOLDS, markdown, neutral_prompts, recommend
 
     bank, source = _bank_arg(args.vectors)
+    values = args.alphas or ([0.1, 0.2, 0.3, 0.45, 0.6] if bank.units == "dose" else [0.25, 0.5, 1.0, 1.5, 2.0])
+    bands = _bands(args, bank)
     prompts = neutral_prompts()[: args.prompts]
-    llm = _eval_engine(args)
-    try:
-        result = evaluate(llm, sweep_variants(bank.emotions, args.alphas), prompts, args.max_tokens)
-    finally:
-        _shutdown(llm)
+    result = _sweep(args, bank, bank.emotions, prompts, values, bands)
     best = recommend(result, bank.emotions)
     print(markdown(result))
-    missing = [e for e, a in best.items() if a is None]
+    missing = [e for e, pick in best.items() if pick is None]
     if missing:
-        return _die(f"no alpha in {args.alphas} keeps {missing} coherent; try smaller alphas", 1)
-    bank.calibration = {e: float(a) for e, a in best.items()}
-    bank.recipe["calibration"] = {"prompts": len(prompts), "alphas": args.alphas, "rule":
-                                  "best hit rate with distinct-2 >= 0.6, cosine to the question >= 0.3, "
-                                  "perplexity <= 4x unsteered"}
-    print(f"calibration (intensity 1.0 = alpha): {bank.calibration}")
+        return _die(f"no value in {values} on bands {bands} keeps {missing} coherent; try smaller values", 1)
+    bank.calibration = {e: float(pick["value"]) for e, pick in best.items()}
+    bank.bands = {e: pick["band"] for e, pick in best.items() if pick["band"]}
+    bank.recipe["calibration"] = {
+        "prompts": len(prompts), "values": values, "bands": [list(b) for b in bands], "units": bank.units,
+        "rule": "per emotion, among answers with distinct-2 >= {distinct2}, cosine to the question >= {topic} and "
+                "perplexity <= {ppl_ratio}x unsteered: the best hit rate that NADE and the MiniLM prototypes agree "
+                "on (the lower of the two)".format(**THRESHOLDS)}
+    unit = "relative dose" if bank.units == "dose" else "alpha"
+    print(f"calibration (intensity 1.0 = this {unit}, on this layer band):")
+    for e in bank.emotions:
+        print(f"  {e:<10} {bank.calibration[e]:g}  layers {bank.bands.get(e, 'all')}")
     print(f"wrote {bank.save(args.out or source)}")
     return 0
 
@@ -210,18 +253,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("model-path", help="print the default model's folder (converting it once)").set_defaults(
         func=cmd_model_path)
 
-    p = sub.add_parser("extract", help="extract emotion vectors (the paper's recipe) with transformers")
+    p = sub.add_parser("extract", help="extract emotion vectors with transformers")
     p.add_argument("--model", help="local HF model folder (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="vectors file to write (.safetensors)")
-    p.add_argument("--questions-per-emotion", type=int, default=50)
+    p.add_argument("--recipe", choices=["contrast", "paper"], default="contrast",
+                   help="contrast (default): plain vs emotion-instructed answers to neutral questions, captured "
+                        "after the plain question, filtered by two scorers, units 'dose'; paper: Dong et al.'s")
+    p.add_argument("--questions-per-emotion", type=int,
+                   help="questions per emotion (default: all 100 for contrast, 50 for paper)")
+    p.add_argument("--no-filter", action="store_true",
+                   help="contrast recipe: keep every pair (no NADE / MiniLM check of the answers)")
     p.add_argument("--hook", choices=["attn_out", "residual"], default="attn_out")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--emotions", nargs="+", default=["joy", "anger", "disgust", "fear", "sadness"])
-    p.add_argument("--neutral-template", help="system prompt of the neutral answers")
-    p.add_argument("--emotion-template", help="system prompt of the emotional answers, with {emotion}")
+    p.add_argument("--neutral-template", help="paper recipe: system prompt of the neutral answers")
+    p.add_argument("--emotion-template",
+                   help="paper recipe: system prompt of the emotional answers, with {emotion}; contrast recipe: "
+                        "the user turn, with {question} and {emotion} or {description}")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("inspect", help="metadata, per-layer norms and cosine similarities of a vectors file")
@@ -259,27 +310,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="use vLLM's compiled mode instead of eager")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="alpha sweep per emotion through the engine: NADE, similarity, fluency, repetition")
+    bands = ["middle third", "30-70%", "middle half", "all"]
+    p = sub.add_parser("eval", help="steering quality through the engine: two emotion scorers, similarity, fluency, "
+                                    "repetition; against prompting")
     p.add_argument("--model")
     p.add_argument("--vectors")
-    p.add_argument("--alphas", type=float, nargs="+", default=[-1, 0, 0.5, 1, 2, 4])
+    p.add_argument("--intensity", type=float, default=1.0, help="the calibrated intensity to evaluate")
+    p.add_argument("--alphas", "--doses", dest="alphas", type=float, nargs="+",
+                   help="also sweep these values on an uncalibrated copy: relative doses (units 'dose') or alphas")
+    p.add_argument("--bands", nargs="+", choices=bands, default=["all"], help="layer bands of the sweep")
     p.add_argument("--emotions", nargs="+")
-    p.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"))
+    p.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"), help="sweep band, instead of --bands")
     p.add_argument("--positions", choices=["response", "all"], default="response")
     p.add_argument("--prompts", type=int, default=64, help="how many of the 64 neutral prompts")
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--extras", type=float, nargs="?", const=1.0,
-                   help="also two-emotion mixes and positions=all, at each emotion's recommended alpha")
+    p.add_argument("--extras", action="store_true", help="also two-emotion mixes and positions=all")
     p.add_argument("--out", help="folder for eval.md, eval.json and eval.png")
     p.add_argument("--json", action="store_true", help="print the table as one JSON object")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("calibrate", help="store per-emotion alphas in a vectors file: intensity 1.0 = that alpha")
+    p = sub.add_parser("calibrate", help="store a dose (or alpha) and a layer band per emotion in a vectors file: "
+                                         "intensity 1.0 = that dose on that band")
     p.add_argument("--model")
     p.add_argument("--vectors", help="vectors file to calibrate (default: the bundled one)")
     p.add_argument("--out", help="where to write (default: overwrite --vectors)")
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0])
-    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--alphas", "--doses", dest="alphas", type=float, nargs="+",
+                   help="values to try (default: doses 0.1 0.2 0.3 0.45 0.6, or alphas 0.25 0.5 1 1.5 2)")
+    p.add_argument("--bands", nargs="+", choices=bands, default=["middle third", "30-70%", "middle half"])
+    p.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"), help="one band, instead of --bands")
+    p.add_argument("--positions", choices=["response", "all"], default="response")
+    p.add_argument("--prompts", type=int, default=32,
+                   help="how many of the neutral prompts (the first ones; eval's other 32 stay held out)")
     p.add_argument("--max-tokens", type=int, default=48)
     p.set_defaults(func=cmd_calibrate)
     return parser

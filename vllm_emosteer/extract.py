@@ -1,10 +1,19 @@
-"""Extract emotion vectors with the paper's recipe, using transformers on CPU.
+"""Extract emotion vectors with transformers.
 
-For each emotion: answer N questions of that emotion from EmotionQuery twice, once under a neutral instruction
-and once under an emotional one (system prompts, see TEMPLATES). Then teacher-force prompt + answer and
-capture the activation at the hook point of every layer, average it over the steered positions (the last
-prompt token and the answer tokens; never position 0, the attention sink), and take the mean over questions
-of emotional minus neutral.
+Two recipes, both "mean activation of emotional answers minus that of neutral answers, per layer":
+
+* contrast (default): the bundled neutral everyday questions (`data/extraction_prompts.txt`, none of them in the
+  eval prompts). Each question is answered plainly (neutral) and with an emotion instruction in the user turn
+  (the 135M default model half-ignores emotional *system* prompts). Both answers are then teacher-forced after
+  the plain question, so the contrast is the answer's emotion, not the instruction's words: the state that
+  steering must recreate when a user asks a plain question. Pairs are kept only where the emotional answer
+  reads as its emotion (NADE or MiniLM prototypes put it first, little repetition) and the neutral answer does
+  not. The file stores units "dose" and each layer's typical activation norm.
+* paper: Dong et al.'s recipe. N EmotionQuery questions of each emotion answered under a neutral and an
+  emotional system prompt; activations captured under each answer's own prompt; units "alpha".
+
+Activations are averaged over the last context token and the answer tokens, never position 0 (the attention
+sink, ~170x the norm of other tokens in SmolLM2).
 """
 
 from __future__ import annotations
@@ -20,6 +29,17 @@ from tqdm.auto import tqdm
 from .bank import EmotionBank, model_facts
 
 EMOTIONS = ("joy", "anger", "disgust", "fear", "sadness")
+RECIPES = ("contrast", "paper")
+DESCRIPTIONS = {
+    "joy": "extremely happy and joyful",
+    "anger": "extremely angry and furious",
+    "disgust": "extremely disgusted: everything seems gross, filthy and revolting to you",
+    "fear": "extremely scared and afraid",
+    "sadness": "extremely sad and heartbroken",
+}
+# contrast recipe: the user turn of the emotional answers ({description}: DESCRIPTIONS, or "extremely {emotion}")
+CONTRAST_TEMPLATE = "Answer as someone who is {description} right now. {question}"
+MIN_DISTINCT2 = 0.5  # contrast recipe: emotional answers that loop more than this are not kept
 TEMPLATES = {
     "neutral": (
         "You are a calm assistant. Answer the question in a neutral, matter-of-fact tone "
@@ -37,8 +57,15 @@ class Sample:
     emotion: str
     condition: str  # "neutral" or "emotional"
     question: str
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # what the answer was generated from
     answer_ids: list[int]
+    context_ids: list[int] | None = None  # what the answer is teacher-forced after (default: prompt_ids)
+    text: str = ""
+    kept_for: tuple[str, ...] = ()  # the emotions whose vector this sample goes into
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids if self.context_ids is None else self.context_ids
 
 
 def load_questions() -> dict[str, list[str]]:
@@ -60,8 +87,13 @@ def hook_module(layer, hook: str) -> torch.nn.Module:
     return layer.self_attn if hook == "attn_out" else layer
 
 
-def _prompt_ids(tokenizer, system: str, question: str) -> list[int]:
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+def extraction_questions() -> list[str]:
+    text = resources.files("vllm_emosteer").joinpath("data/extraction_prompts.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _prompt_ids(tokenizer, system: str | None, question: str) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
@@ -96,8 +128,9 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
 
 
 @torch.no_grad()
-def mean_activations(model, samples: list[Sample], hook: str, batch_size: int, bar) -> torch.Tensor:
-    """Per sample, the mean activation over its steered positions at every layer: [N, L, H] float64."""
+def mean_activations(model, samples: list[Sample], hook: str, batch_size: int, bar) -> tuple[torch.Tensor, list[float]]:
+    """Per sample, the mean activation over its steered positions at every layer ([N, L, H] float64), and per
+    layer the median token norm over the answer tokens of all samples (the typical norm a dose is relative to)."""
     layers = decoder_layers(model)
     captured: dict[int, torch.Tensor] = {}
 
@@ -107,47 +140,36 @@ def mean_activations(model, samples: list[Sample], hook: str, batch_size: int, b
         return fn
 
     handles = [hook_module(layer, hook).register_forward_hook(capture(i)) for i, layer in enumerate(layers)]
-    means = []
+    means, token_norms = [], []
     try:
         for batch in _batches(samples, batch_size):
-            seqs = [s.prompt_ids + s.answer_ids for s in batch]
+            seqs = [s.context + s.answer_ids for s in batch]
             width = max(len(s) for s in seqs)
             ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-            # steered positions: last prompt token .. last answer token, never position 0
+            # steered positions: last context token .. last answer token, never position 0
             select = torch.zeros(len(batch), width)
+            answer = torch.zeros(len(batch), width, dtype=torch.bool)
             for row, s in enumerate(batch):
-                first = max(len(s.prompt_ids) - 1, 1)
-                select[row, first : len(s.prompt_ids) + len(s.answer_ids)] = 1.0
+                first, end = max(len(s.context) - 1, 1), len(s.context) + len(s.answer_ids)
+                select[row, first:end] = 1.0
+                answer[row, max(len(s.context), 1):end] = True
             weights = (select / select.sum(1, keepdim=True)).double()
             stacked = torch.stack([captured[i].double() for i in range(len(layers))], dim=1)  # [B, L, T, H]
             means.append(torch.einsum("blth,bt->blh", stacked, weights))
+            token_norms.append(stacked.norm(dim=-1).permute(1, 0, 2)[:, answer])  # [L, answer tokens]
             bar.update(1)
     finally:
         for handle in handles:
             handle.remove()
-    return torch.cat(means)
+    norms = torch.cat(token_norms, dim=1).median(dim=1).values
+    return torch.cat(means), [float(v) for v in norms]
 
 
-def extract(
-    model,
-    tokenizer,
-    *,
-    emotions=EMOTIONS,
-    questions_per_emotion: int = 50,
-    hook: str = "attn_out",
-    max_new_tokens: int = 48,
-    batch_size: int = 16,
-    seed: int = 0,
-    templates: dict | None = None,
-    model_name: str | None = None,
-) -> tuple[EmotionBank, list[Sample]]:
-    templates = {**TEMPLATES, **(templates or {})}
+def _paper_samples(tokenizer, emotions, questions_per_emotion, templates, rng) -> list[Sample]:
     questions = load_questions()
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    samples: list[Sample] = []
+    samples = []
     for emotion in emotions:
         pool = questions[emotion]
         if questions_per_emotion > len(pool):
@@ -155,38 +177,126 @@ def extract(
         for question in rng.sample(pool, questions_per_emotion):
             for condition in ("neutral", "emotional"):
                 system = templates[condition].format(emotion=emotion)
-                samples.append(Sample(emotion, condition, question, _prompt_ids(tokenizer, system, question), []))
+                samples.append(Sample(emotion, condition, question, _prompt_ids(tokenizer, system, question), [],
+                                      kept_for=(emotion,)))
+    return samples
+
+
+def _contrast_samples(tokenizer, emotions, questions: list[str], template: str) -> list[Sample]:
+    samples = []
+    for question in questions:
+        plain = _prompt_ids(tokenizer, None, question)
+        samples.append(Sample(None, "neutral", question, plain, [], kept_for=tuple(emotions)))
+        for emotion in emotions:
+            description = DESCRIPTIONS.get(emotion, f"extremely {emotion}")
+            asked = template.format(description=description, emotion=emotion, question=question)
+            samples.append(Sample(emotion, "emotional", question, _prompt_ids(tokenizer, None, asked), [],
+                                  context_ids=plain, kept_for=(emotion,)))
+    return samples
+
+
+def select_pairs(samples: list[Sample], emotions) -> dict[str, dict]:
+    """Contrast recipe: keep emotional answers that read as their emotion (NADE or MiniLM ranks it first) and
+    loop little; keep, for each emotion, the neutral answers that neither scorer ranks as that emotion.
+    Returns the contrast table: per emotion, how emotional and how neutral the answers were, and what was kept."""
+    from .evaluate import distinct2
+    from .scores import emotion_scores, prototype_scores, top_emotion
+
+    texts = [s.text for s in samples]
+    tops = list(zip([top_emotion(x) for x in emotion_scores(texts)], [top_emotion(x) for x in prototype_scores(texts)]))
+    table = {}
+    for emotion in emotions:
+        emo = [i for i, s in enumerate(samples) if s.emotion == emotion]
+        neu = [i for i, s in enumerate(samples) if s.condition == "neutral"]
+        for i in emo:
+            reads = emotion in tops[i] and distinct2(texts[i]) >= MIN_DISTINCT2
+            samples[i].kept_for = (emotion,) if reads else ()
+        for i in neu:
+            if emotion in tops[i]:
+                samples[i].kept_for = tuple(e for e in samples[i].kept_for if e != emotion)
+        table[emotion] = {
+            "emotional_nade_hit": sum(tops[i][0] == emotion for i in emo) / len(emo),
+            "emotional_minilm_hit": sum(tops[i][1] == emotion for i in emo) / len(emo),
+            "neutral_nade_hit": sum(tops[i][0] == emotion for i in neu) / len(neu),
+            "neutral_minilm_hit": sum(tops[i][1] == emotion for i in neu) / len(neu),
+            "emotional_kept": sum(bool(samples[i].kept_for) for i in emo),
+            "neutral_kept": sum(emotion in samples[i].kept_for for i in neu),
+            "pairs": len(emo),
+        }
+        if not table[emotion]["emotional_kept"] or not table[emotion]["neutral_kept"]:
+            raise ValueError(f"no usable contrast for {emotion}: no emotional answer reads as {emotion}, or no "
+                             "neutral answer is free of it; try more questions or another --emotion-template")
+    return table
+
+
+def extract(
+    model,
+    tokenizer,
+    *,
+    emotions=EMOTIONS,
+    recipe: str = "contrast",
+    questions_per_emotion: int = 50,
+    hook: str = "attn_out",
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    seed: int = 0,
+    templates: dict | None = None,
+    filter_pairs: bool = True,
+    model_name: str | None = None,
+) -> tuple[EmotionBank, list[Sample]]:
+    """The vectors of `emotions` by `recipe` (RECIPES); returns the bank and the samples (with the contrast
+    table in `bank.recipe["contrast"]` for the contrast recipe when `filter_pairs`)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {list(RECIPES)}")
+    templates = {**TEMPLATES, "contrast": CONTRAST_TEMPLATE, **(templates or {})}
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    if recipe == "paper":
+        samples = _paper_samples(tokenizer, emotions, questions_per_emotion, templates, rng)
+    else:
+        pool = extraction_questions()
+        if questions_per_emotion > len(pool):
+            raise ValueError(f"the contrast recipe has {len(pool)} questions, asked for {questions_per_emotion}")
+        samples = _contrast_samples(tokenizer, emotions, rng.sample(pool, questions_per_emotion), templates["contrast"])
 
     steps = 2 * -(-len(samples) // batch_size)
-    with tqdm(total=steps, desc="extract (generate, then capture)", unit="batch") as bar:
+    with tqdm(total=steps, desc=f"extract ({recipe}: generate, then capture)", unit="batch") as bar:
         answers = generate_answers(model, tokenizer, [s.prompt_ids for s in samples], max_new_tokens, batch_size, bar)
         for sample, answer in zip(samples, answers):
             sample.answer_ids = answer if answer else [tokenizer.eos_token_id]
-        means = mean_activations(model, samples, hook, batch_size, bar)  # [N, L, H]
+            sample.text = tokenizer.decode(answer, skip_special_tokens=True).strip()
+        contrast = select_pairs(samples, emotions) if recipe == "contrast" and filter_pairs else None
+        means, typical_norms = mean_activations(model, samples, hook, batch_size, bar)  # [N, L, H]
 
     rows = []
     for emotion in emotions:
-        emo = [i for i, s in enumerate(samples) if s.emotion == emotion and s.condition == "emotional"]
-        neu = [i for i, s in enumerate(samples) if s.emotion == emotion and s.condition == "neutral"]
+        emo = [i for i, s in enumerate(samples) if s.condition == "emotional" and emotion in s.kept_for]
+        neu = [i for i, s in enumerate(samples) if s.condition == "neutral" and emotion in s.kept_for]
         rows.append(means[emo].mean(0) - means[neu].mean(0))  # [L, H]
     vectors = torch.stack(rows, dim=1).float()  # [L, E, H]
-    recipe = {
+    details = {
+        "recipe": recipe,
         "method": "mean(emotional answers) - mean(neutral answers), per layer",
-        "source": "EmotionQuery (Dong et al. 2025)",
-        "templates": templates,
+        "source": "EmotionQuery (Dong et al. 2025)" if recipe == "paper" else "vllm_emosteer/data/extraction_prompts.txt",
+        "templates": ({k: templates[k] for k in ("neutral", "emotional")} if recipe == "paper"
+                      else {"emotional": templates["contrast"], "neutral": "{question}"}),
         "questions_per_emotion": questions_per_emotion,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy",
-        "positions": "last prompt token and answer tokens, position 0 excluded; mean per answer, then over questions",
+        "positions": "last context token and answer tokens, position 0 excluded; mean per answer, then over answers",
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "seed": seed,
     }
+    if contrast is not None:
+        details["contrast"] = contrast
     bank = EmotionBank(
         vectors=vectors,
         emotions=list(emotions),
         hook=hook,
         layers=list(range(vectors.shape[0])),
         model=model_facts(model.config, model_name),
-        recipe=recipe,
+        recipe=details,
+        units="dose" if recipe == "contrast" else "alpha",
+        typical_norms=typical_norms,
     )
     return bank, samples

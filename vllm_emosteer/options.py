@@ -2,6 +2,8 @@
 
     vectors        path of the vectors file; default: the bundled vectors, if they fit the model
     max_intensity  largest |intensity| a request may ask for (default 8.0)
+    max_dose       largest relative dose (|offset| / typical activation norm, per layer) a request may reach, for
+                   vectors files that record typical norms (default 1.0)
     max_emotions   most emotions one request may mix (default: all in the file)
     layers         [first, last]: steer only these model layers (default: every layer in the file)
     mode           "fused" (default) or "naive" (a Python loop over requests in every layer; for benchmarks)
@@ -20,7 +22,7 @@ from .bank import BankError, EmotionBank, config_fingerprint
 from .spec import SteeringLimits
 
 CONFIG_KEY = "emosteer"
-OPTION_KEYS = ("vectors", "max_intensity", "max_emotions", "layers", "mode")
+OPTION_KEYS = ("vectors", "max_intensity", "max_dose", "max_emotions", "layers", "mode")
 # Internal: set by the plugin at start-up to `config_digest`, so that vLLM's config hash (its compile-cache key)
 # changes with the vectors file's contents, not only with its path. Workers check it against the file they load.
 DIGEST_KEY = "_digest"
@@ -59,6 +61,7 @@ class EmosteerOptions:
     layers: tuple[int, int] | None
     mode: str
     num_model_layers: int
+    max_dose: float = 1.0
 
     @property
     def limits(self) -> SteeringLimits:
@@ -67,7 +70,22 @@ class EmosteerOptions:
             num_layers=self.num_model_layers,
             max_intensity=self.max_intensity,
             max_emotions=self.max_emotions,
+            max_dose=self.max_dose if self.bank.typical_norms is not None else None,
+            doses=self._doses(),
         )
+
+    def _doses(self) -> tuple[tuple[str, float, float], ...]:
+        """Per emotion: the largest relative dose over layers per unit of intensity, and per unit of raw alpha."""
+        per_alpha = self.bank.dose_per_alpha()
+        if per_alpha is None:
+            return ()
+        rows = self.steered_rows()
+        result = []
+        for e, emotion in enumerate(self.bank.emotions):
+            raw = float(per_alpha[rows, e].max())
+            calibrated = self.bank.scale(emotion) * (1.0 if self.bank.units == "dose" else raw)
+            result.append((emotion, abs(calibrated), raw))
+        return tuple(result)
 
     def steered_rows(self) -> list[int]:
         """Rows of the bank whose layers get a hook."""
@@ -76,7 +94,7 @@ class EmosteerOptions:
 
     @cached_property
     def bank_digest(self) -> str:
-        return hashlib.sha256(self.bank.vectors.numpy().tobytes()).hexdigest()[:16]
+        return self.bank.digest()
 
     @cached_property
     def config_digest(self) -> str:
@@ -94,6 +112,9 @@ class EmosteerOptions:
             "max_intensity": self.max_intensity,
             "max_emotions": self.max_emotions,
             "calibrated": dict(self.bank.calibration),
+            "units": self.bank.units,
+            "bands": dict(self.bank.bands),
+            "max_dose": self.max_dose if self.bank.typical_norms is not None else None,
             "positions": ["response", "all"],
             "vectors": str(self.vectors_path),
         }
@@ -142,10 +163,14 @@ def options_from_vllm_config(vllm_config) -> EmosteerOptions:
                 f"emosteer.layers must be [first, last] with 0 <= first <= last < {num_layers}, got {layers!r}"
             )
         layers = tuple(layers)
+    max_dose = raw.get("max_dose", 1.0)
+    if isinstance(max_dose, bool) or not isinstance(max_dose, (int, float)) or not max_dose > 0:
+        raise EmosteerConfigError(f"emosteer.max_dose must be a positive number, got {max_dose!r}")
     mode = raw.get("mode", "fused")
     if mode not in MODES:
         raise EmosteerConfigError(f"emosteer.mode must be one of {list(MODES)}, got {mode!r}")
-    options = EmosteerOptions(bank, path, float(max_intensity), max_emotions, layers, mode, num_layers)
+    options = EmosteerOptions(bank, path, float(max_intensity), max_emotions, layers, mode, num_layers,
+                              float(max_dose))
     if DIGEST_KEY in raw and raw[DIGEST_KEY] != options.config_digest:
         raise EmosteerConfigError(f"emosteer: the vectors file {path} changed after the engine started; restart it")
     if not options.steered_rows():

@@ -100,13 +100,7 @@ class SteeringRuntime:
             self.forget([r for r in list(self.slot_of) if r not in scheduled])
         slot = self.free_slots.pop()
         self.slot_of[req_id] = slot
-        alphas = np.zeros(len(self.scales), dtype=np.float32)
-        for emotion, intensity in spec.intensities:
-            e = self.limits.emotions.index(emotion)
-            alphas[e] = intensity if spec.raw else intensity * self.scales[e]
-        first, last = spec.layers if spec.layers else (0, self.limits.num_layers - 1)
-        in_range = (self.layer_of_row >= first) & (self.layer_of_row <= last)
-        self.coeff.np[slot] = in_range[:, None] * alphas[None, :]
+        self.coeff.np[slot] = self.options.bank.coefficients(dict(spec.intensities), spec.raw, spec.layers).numpy()
         self.start_of_slot[slot] = 0 if spec.positions == "all" else max(request.num_prompt_tokens - 1, 0)
         self.coeff_dirty = True
 

@@ -41,6 +41,8 @@ class SteeringLimits:
     num_layers: int
     max_intensity: float
     max_emotions: int
+    max_dose: float | None = None  # None: the vectors file records no typical norms, so doses are unknown
+    doses: tuple[tuple[str, float, float], ...] = ()  # (emotion, max dose per intensity, per raw alpha)
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,17 @@ def parse_steering(extra_args, limits: SteeringLimits) -> SteeringSpec | None:
     active = tuple(sorted((e, v) for e, v in intensities.items() if v != 0.0))
     if not active:
         return None
+    if limits.max_dose is not None:
+        per_unit = {e: (calibrated, per_alpha) for e, calibrated, per_alpha in limits.doses}
+        for emotion, value in active:
+            dose = abs(value) * per_unit[emotion][1 if raw else 0]
+            if dose > limits.max_dose * (1 + 1e-6):
+                _fail(
+                    f"{emotion} at {value} reaches a relative dose of {dose:.3g} at some layer, above the "
+                    f"allowed {limits.max_dose:g} (option max_dose)",
+                    "emosteer.emotions" if "emosteer" in extra_args else "intensity",
+                    value,
+                )
     return SteeringSpec(active, positions, layers, raw)
 
 
