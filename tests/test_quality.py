@@ -33,4 +33,5 @@ def test_metrics_are_sane(result):
     assert base["sim"] == pytest.approx(1.0, abs=1e-4) and 0 < steered["sim"] < 0.95
     assert 1 < base["ppl"] < steered["ppl"]
     assert 0.5 < base["distinct2"] <= 1 and 0 < base["topic"] < 1
-    assert 0 <= steered["hit"] <= 1 and set(steered["each_shows"]) == {"disgust"}
+    assert 0 <= steered["hit_nade"] <= 1 and 0 <= steered["hit_minilm"] <= 1
+    assert set(steered["each_shows"]) == {"disgust"}

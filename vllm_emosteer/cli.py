@@ -26,7 +26,7 @@ def cmd_extract(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .default_model import DEFAULT_MODEL_NAME, model_path
-    from .extract import EMOTIONS, TEMPLATES, extract
+    from .extract import EMOTIONS, TEMPLATES, extract, vllm_generator
 
     unknown = [e for e in args.emotions if e not in EMOTIONS]
     if unknown:
@@ -53,6 +53,7 @@ def cmd_extract(args) -> int:
             hook=args.hook, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
             templates=templates, filter_pairs=not args.no_filter,
             model_name=DEFAULT_MODEL_NAME if args.model is None else Path(model).name,
+            generate=vllm_generator(model, args.dtype, args.seed) if args.engine == "vllm" else None,
         )
     except ValueError as exc:
         return _die(str(exc), 1)
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("model-path", help="print the default model's folder (converting it once)").set_defaults(
         func=cmd_model_path)
 
-    p = sub.add_parser("extract", help="extract emotion vectors with transformers")
+    p = sub.add_parser("extract", help="extract emotion vectors (answers from vLLM, activations from transformers)")
     p.add_argument("--model", help="local HF model folder (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="vectors file to write (.safetensors)")
     p.add_argument("--recipe", choices=["contrast", "paper"], default="contrast",
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "after the plain question, filtered by two scorers, units 'dose'; paper: Dong et al.'s")
     p.add_argument("--questions-per-emotion", type=int,
                    help="questions per emotion (default: all 100 for contrast, 50 for paper)")
+    p.add_argument("--engine", choices=["vllm", "transformers"], default="vllm",
+                   help="what generates the answers (the capture always runs in transformers)")
     p.add_argument("--no-filter", action="store_true",
                    help="contrast recipe: keep every pair (no NADE / MiniLM check of the answers)")
     p.add_argument("--hook", choices=["attn_out", "residual"], default="attn_out")
@@ -355,7 +358,7 @@ def main(argv=None) -> int:
 
         return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command in ("eval", "calibrate", "demo"):  # vLLM logs to stderr; stdout carries the results only
+    if args.command in ("eval", "calibrate", "demo", "extract"):  # vLLM logs to stderr; stdout carries the results only
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         return args.func(args)

