@@ -25,22 +25,20 @@ from .spec import SteeringError, SteeringSpec, parse_steering
 logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
 UNSTEERED = -1
 NEVER = np.iinfo(np.int64).max
-PRECOMPUTE_LIMIT = 1 << 22  # floats: per-step offsets [L, S, H] up to 16 MiB, else per layer from coefficients
+SLOT_OFFSETS_LIMIT = 1 << 25  # floats (128 MiB): largest per-slot offset table [slots, L, H] kept for the host plan
 
 
 @dataclass
 class StepPlan:
     """This step's steering, from the host's view: `steered` of the first `total` tokens are steered; `index` holds
-    their positions (None: all of them); `offsets` [L, S, H] the offset of each of their S slots at every bank row,
-    computed once per step, or, where that would be large, `coeff` [S, L, E] their coefficient rows; `slot_of_token`
-    the slot (0..S-1) of each steered token (None: one slot for all)."""
+    their positions (None: all of them). On CPU, their offsets come from the per-slot table `slot_offsets`: `slot`
+    when one slot serves them all, else `token_slots` (the slot of each steered token)."""
 
     total: int
     steered: int = 0
     index: torch.Tensor | None = None
-    offsets: torch.Tensor | None = None
-    coeff: torch.Tensor | None = None
-    slot_of_token: torch.Tensor | None = None
+    slot: int | None = None
+    token_slots: torch.Tensor | None = None
 
 
 class SteeringRuntime:
@@ -68,6 +66,13 @@ class SteeringRuntime:
         # CUDA graphs). Compiled graphs and captured CUDA graphs always call the op and never read it.
         self.host_plan = False
         self.plan: StepPlan | None = None
+        # CPU host plan: each slot's offsets at every bank row, [slots, L, H] fp32, computed once when a request
+        # gets the slot, so that a steered layer costs one small add (no per-step or per-layer matmul)
+        self.slot_offsets: torch.Tensor | None = None
+        self.offset_rows: list[tuple[torch.Tensor, ...]] = []  # per slot, its [H] offset at each bank row (views)
+        if device.type == "cpu" and max_slots * L * bank.vectors.shape[2] <= SLOT_OFFSETS_LIMIT:
+            self.slot_offsets = torch.zeros(max_slots, L, bank.vectors.shape[2])
+            self.offset_rows = [self.slot_offsets[slot].unbind(0) for slot in range(max_slots)]
 
     def register_buffers(self, model: torch.nn.Module) -> None:
         """Make the device tensors non-persistent buffers of the model: vLLM's sleep mode (level 2) discards the
@@ -110,9 +115,14 @@ class SteeringRuntime:
         """Fill row_of_token for this step's flattened batch (requests in batch-row order)."""
         if any(r not in self.slot_of for r in req_ids):
             scheduled = set(req_ids)
-            for req_id in req_ids:
-                if req_id not in self.slot_of:
-                    self._admit(req_id, requests[req_id], scheduled)
+            admitted = [r for r in req_ids if r not in self.slot_of]
+            for req_id in admitted:
+                self._admit(req_id, requests[req_id], scheduled)
+            if self.host_plan and self.slot_offsets is not None:
+                new = [self.slot_of[r] for r in admitted if self.slot_of[r] != UNSTEERED]
+                if new:
+                    idx = torch.tensor(new)
+                    self.slot_offsets[idx] = torch.bmm(self.coeff.gpu[idx].transpose(0, 1), self.bank).transpose(0, 1)
         if self.coeff_dirty:
             self.coeff.copy_to_gpu()
             self.coeff_dirty = False
@@ -146,41 +156,33 @@ class SteeringRuntime:
         n = int(steered.sum())
         if n == 0:
             return StepPlan(total)
-        if self.bank.device.type != "cpu":  # CUDA without graphs: the kernel, launched directly, or nothing
+        if self.slot_offsets is None:  # CUDA without graphs (or a very large CPU table): the general path
             return StepPlan(total, steered=n)
         index = None if n == total else torch.from_numpy(np.flatnonzero(steered))
         token_slots = rows[steered] if index is not None else rows
-        first = token_slots[0]
+        first = int(token_slots[0])
         if (token_slots == first).all():  # one request's mix (a single client, or one spec)
-            slots, slot_of_token = torch.tensor([int(first)]), None
-        else:
-            unique, inverse = np.unique(token_slots, return_inverse=True)
-            slots, slot_of_token = torch.from_numpy(unique), torch.from_numpy(inverse)
-        coeff = self.coeff.gpu[slots]  # [S, L, E]
-        if coeff.shape[0] * self.bank.shape[0] * self.bank.shape[2] <= PRECOMPUTE_LIMIT:
-            offsets = torch.bmm(coeff.transpose(0, 1), self.bank)  # [L, S, H]: one op per step, not per layer
-            return StepPlan(total, n, index, offsets=offsets, slot_of_token=slot_of_token)
-        return StepPlan(total, n, index, coeff=coeff, slot_of_token=slot_of_token)
+            return StepPlan(total, n, index, slot=first)
+        return StepPlan(total, n, index, token_slots=torch.from_numpy(token_slots.astype(np.int64)))
 
     def steer_eager(self, x: torch.Tensor, row: int) -> None:
-        """The op's work for an eager forward, using this step's host plan (the op itself where there is none)."""
+        """The op's work for an eager forward, using this step's host plan (the op's general path where there is
+        none, where the kernel does it, or where x does not cover the step, e.g. a dummy run)."""
         plan = self.plan
-        if plan is None or x.dim() != 2 or x.shape[0] < plan.total:  # e.g. a dummy run: the general op
+        if plan is None or x.dim() != 2 or x.shape[0] < plan.total:
             steer_add_eager(x, self.rows.gpu, self.coeff.gpu, self.bank, row)
             return
         if plan.steered == 0:
             return
-        if plan.offsets is not None:
-            offset = plan.offsets[row]  # [S, H] fp32
-        elif plan.coeff is not None:
-            offset = plan.coeff[:, row] @ self.bank[row]
-        else:  # CUDA: the kernel, launched directly
+        if plan.slot is not None:
+            offset = self.offset_rows[plan.slot][row]  # [H] fp32, a view: no indexing op per layer
+        elif plan.token_slots is not None:
+            offset = self.slot_offsets[plan.token_slots, row]  # [n, H] fp32
+        else:
             steer_add_eager(x, self.rows.gpu, self.coeff.gpu, self.bank, row)
             return
-        if plan.slot_of_token is not None:
-            offset = offset[plan.slot_of_token]
-        if plan.index is None:
-            x[: plan.total].add_(offset)  # the sum in fp32, rounded once into x's dtype (as the op)
+        if plan.index is None:  # the sum in fp32, rounded once into x's dtype (as the op)
+            (x if x.shape[0] == plan.total else x[: plan.total]).add_(offset)
         else:
             x[plan.index] = (x[plan.index].float() + offset).to(x.dtype)
 
