@@ -82,7 +82,7 @@ def test_select_pairs_keeps_answers_that_read_as_their_emotion():
         sample("joy", "emotional", "The meeting is at three in room four."),  # does not read as joy
         sample("sadness", "emotional", "I feel so sad and heartbroken, everything is empty and lonely."),
         sample("sadness", "emotional", "sad sad sad sad sad sad sad sad"),  # loops
-        sample(None, "neutral", "The report lists the opening hours of the library."),  # reads as joy
+        sample(None, "neutral", "The report lists the opening hours of the library."),  # both: joy
         sample(None, "neutral", "I feel so sad and heartbroken today."),  # reads as sadness: not a neutral for it
     ]
     table = select_pairs(samples, ["joy", "sadness"])

@@ -42,7 +42,10 @@ def cmd_extract(args) -> int:
             return _die("--emotion-template must contain {emotion}")
         if args.recipe == "contrast" and "{question}" not in args.emotion_template:
             return _die("--emotion-template must contain {question} (and {emotion} or {description})")
-        templates["emotional" if args.recipe == "paper" else "contrast"] = args.emotion_template
+        if args.recipe == "paper":
+            templates["emotional"] = args.emotion_template
+        else:
+            templates["contrast"] = (("user", args.emotion_template),)
     questions = args.questions_per_emotion or (100 if args.recipe == "contrast" else 50)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -53,7 +56,7 @@ def cmd_extract(args) -> int:
             hook=args.hook, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
             templates=templates, filter_pairs=not args.no_filter,
             model_name=DEFAULT_MODEL_NAME if args.model is None else Path(model).name,
-            generate=vllm_generator(model, args.dtype, args.seed) if args.engine == "vllm" else None,
+            generate=vllm_generator(model, seed=args.seed) if args.engine == "vllm" else None,
         )
     except ValueError as exc:
         return _die(str(exc), 1)
@@ -66,6 +69,10 @@ def cmd_extract(args) -> int:
             print(f"| {e} | {c['emotional_nade_hit']:.2f} | {c['emotional_minilm_hit']:.2f} | "
                   f"{c['neutral_nade_hit']:.2f} | {c['neutral_minilm_hit']:.2f} | {c['emotional_kept']}/{c['pairs']} | "
                   f"{c['neutral_kept']} |")
+        for e, c in contrast.items():
+            placements = ", ".join(f"{role} turn {nade:.2f} / {minilm:.2f}" for role, (nade, minilm)
+                                   in c["by_placement"].items())
+            print(f"  {e}: emotional answers by where the emotion was asked for (NADE / MiniLM): {placements}")
     print(f"wrote {bank.save(args.out)}: {list(bank.vectors.shape)} (layers, emotions, hidden), hook {bank.hook}, "
           f"units {bank.units}; calibrate it next: vllm-emosteer calibrate --vectors {args.out}")
     return 0
@@ -223,7 +230,7 @@ def cmd_calibrate(args) -> int:
     from .evaluate import THRESHOLDS, markdown, neutral_prompts, recommend
 
     bank, source = _bank_arg(args.vectors)
-    values = args.alphas or ([0.1, 0.2, 0.3, 0.45, 0.6] if bank.units == "dose" else [0.25, 0.5, 1.0, 1.5, 2.0])
+    values = args.alphas or ([0.1, 0.2, 0.3, 0.4, 0.55] if bank.units == "dose" else [0.25, 0.5, 1.0, 1.5, 2.0])
     bands = _bands(args, bank)
     prompts = neutral_prompts()[: args.prompts]
     result = _sweep(args, bank, bank.emotions, prompts, values, bands)
@@ -338,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vectors", help="vectors file to calibrate (default: the bundled one)")
     p.add_argument("--out", help="where to write (default: overwrite --vectors)")
     p.add_argument("--alphas", "--doses", dest="alphas", type=float, nargs="+",
-                   help="values to try (default: doses 0.1 0.2 0.3 0.45 0.6, or alphas 0.25 0.5 1 1.5 2)")
-    p.add_argument("--bands", nargs="+", choices=bands, default=["middle third", "30-70%", "middle half"])
+                   help="values to try (default: doses 0.1 0.2 0.3 0.4 0.55, or alphas 0.25 0.5 1 1.5 2)")
+    p.add_argument("--bands", nargs="+", choices=bands, default=["middle third", "middle half"])
     p.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"), help="one band, instead of --bands")
     p.add_argument("--positions", choices=["response", "all"], default="response")
     p.add_argument("--prompts", type=int, default=32,

@@ -131,8 +131,9 @@ def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int =
     outputs = llm.chat(conversations, params, use_tqdm=progress)
     texts = [o.outputs[0].text.strip() for o in outputs]
     # fluency under the unsteered model, after the plain question (also for the prompted baseline)
-    plain = llm.get_tokenizer().apply_chat_template(
-        [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True, tokenize=True)
+    tokenizer = llm.get_tokenizer()
+    plain = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=True) for p in prompts]
     plain = [list(x["input_ids"] if hasattr(x, "keys") else x) for x in plain]
     ppl = perplexities(llm, [plain[p] for _, p in index], [list(o.outputs[0].token_ids) for o in outputs])
     scores, prototypes = emotion_scores(texts), prototype_scores(texts)

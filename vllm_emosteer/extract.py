@@ -38,8 +38,15 @@ DESCRIPTIONS = {
     "fear": "extremely scared and afraid",
     "sadness": "extremely sad and heartbroken",
 }
-# contrast recipe: the user turn of the emotional answers ({description}: DESCRIPTIONS, or "extremely {emotion}")
-CONTRAST_TEMPLATE = "Answer as someone who is {description} right now. {question}"
+# contrast recipe: how the emotional answers are asked for, each a (role, text) with {question}, {emotion} and
+# {description} (DESCRIPTIONS, or "extremely {emotion}"). Every question is asked both ways: which one makes the
+# 135M default model write the emotion differs by emotion (the user turn for anger and fear, the system prompt
+# for disgust), and the scorers keep what worked.
+CONTRAST_TEMPLATES = (
+    ("user", "Answer as someone who is {description} right now. {question}"),
+    ("system", "You are overwhelmed by {emotion}. Answer the question and let your {emotion} show strongly in "
+               "every sentence."),
+)
 MIN_DISTINCT2 = 0.5  # contrast recipe: emotional answers that loop more than this are not kept
 TEMPLATES = {
     "neutral": (
@@ -63,6 +70,7 @@ class Sample:
     context_ids: list[int] | None = None  # what the answer is teacher-forced after (default: prompt_ids)
     text: str = ""
     kept_for: tuple[str, ...] = ()  # the emotions whose vector this sample goes into
+    asked_in: str = ""  # contrast recipe: where the emotion was asked for ("user" or "system" turn)
 
     @property
     def context(self) -> list[int]:
@@ -128,7 +136,7 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     return answers
 
 
-def vllm_generator(model_path: str, dtype: str = "float32", seed: int = 0):
+def vllm_generator(model_path: str, dtype: str = "auto", seed: int = 0):
     """A `generate` for `extract` that answers through vLLM (batched, greedy): several times faster than
     transformers' generate on CPU. The engine is stopped before the capture starts."""
 
@@ -205,22 +213,27 @@ def _paper_samples(tokenizer, emotions, questions_per_emotion, templates, rng) -
     return samples
 
 
-def _contrast_samples(tokenizer, emotions, questions: list[str], template: str) -> list[Sample]:
+def _contrast_samples(tokenizer, emotions, questions: list[str], templates) -> list[Sample]:
     samples = []
     for question in questions:
         plain = _prompt_ids(tokenizer, None, question)
         samples.append(Sample(None, "neutral", question, plain, [], kept_for=tuple(emotions)))
         for emotion in emotions:
-            description = DESCRIPTIONS.get(emotion, f"extremely {emotion}")
-            asked = template.format(description=description, emotion=emotion, question=question)
-            samples.append(Sample(emotion, "emotional", question, _prompt_ids(tokenizer, None, asked), [],
-                                  context_ids=plain, kept_for=(emotion,)))
+            fill = dict(description=DESCRIPTIONS.get(emotion, f"extremely {emotion}"), emotion=emotion,
+                        question=question)
+            for role, template in templates:
+                text = template.format(**fill)
+                prompt = (_prompt_ids(tokenizer, text, question) if role == "system"
+                          else _prompt_ids(tokenizer, None, text))
+                samples.append(Sample(emotion, "emotional", question, prompt, [], context_ids=plain,
+                                      kept_for=(emotion,), asked_in=role))
     return samples
 
 
 def select_pairs(samples: list[Sample], emotions) -> dict[str, dict]:
     """Contrast recipe: keep emotional answers that read as their emotion (NADE or MiniLM ranks it first) and
-    loop little; keep, for each emotion, the neutral answers that neither scorer ranks as that emotion.
+    loop little; keep, for each emotion, the neutral answers that the two scorers do not both rank as it (the
+    default model's plain answers are cheerful: NADE ranks 95% of them joy, so "neither" would leave three).
     Returns the contrast table: per emotion, how emotional and how neutral the answers were, and what was kept."""
     from .evaluate import distinct2
     from .scores import emotion_scores, prototype_scores, top_emotion
@@ -235,7 +248,7 @@ def select_pairs(samples: list[Sample], emotions) -> dict[str, dict]:
             reads = emotion in tops[i] and distinct2(texts[i]) >= MIN_DISTINCT2
             samples[i].kept_for = (emotion,) if reads else ()
         for i in neu:
-            if emotion in tops[i]:
+            if tops[i] == (emotion, emotion):
                 samples[i].kept_for = tuple(e for e in samples[i].kept_for if e != emotion)
         table[emotion] = {
             "emotional_nade_hit": sum(tops[i][0] == emotion for i in emo) / len(emo),
@@ -245,6 +258,10 @@ def select_pairs(samples: list[Sample], emotions) -> dict[str, dict]:
             "emotional_kept": sum(bool(samples[i].kept_for) for i in emo),
             "neutral_kept": sum(emotion in samples[i].kept_for for i in neu),
             "pairs": len(emo),
+            "by_placement": {
+                role: [sum(tops[i][k] == emotion for i in emo if samples[i].asked_in == role)
+                       / max(1, sum(samples[i].asked_in == role for i in emo)) for k in (0, 1)]
+                for role in sorted({samples[i].asked_in for i in emo})},
         }
         if not table[emotion]["emotional_kept"] or not table[emotion]["neutral_kept"]:
             raise ValueError(f"no usable contrast for {emotion}: no emotional answer reads as {emotion}, or no "
@@ -273,7 +290,7 @@ def extract(
     max_new_tokens, eos_ids)` answers the prompts (default: transformers' generate on `model`)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {list(RECIPES)}")
-    templates = {**TEMPLATES, "contrast": CONTRAST_TEMPLATE, **(templates or {})}
+    templates = {**TEMPLATES, "contrast": CONTRAST_TEMPLATES, **(templates or {})}
     rng = random.Random(seed)
     torch.manual_seed(seed)
     if recipe == "paper":
@@ -298,6 +315,8 @@ def extract(
             sample.answer_ids = answer if answer else [tokenizer.eos_token_id]
             sample.text = tokenizer.decode(answer, skip_special_tokens=True).strip()
         contrast = select_pairs(samples, emotions) if recipe == "contrast" and filter_pairs else None
+        samples = [s for s in samples if s.kept_for]  # answers the filter dropped are not captured
+        bar.total = bar.n + -(-len(samples) // batch_size)
         means, typical_norms = mean_activations(model, samples, hook, batch_size, bar)  # [N, L, H]
 
     rows = []
@@ -311,7 +330,7 @@ def extract(
         "method": "mean(emotional answers) - mean(neutral answers), per layer",
         "source": "EmotionQuery (Dong et al. 2025)" if recipe == "paper" else "vllm_emosteer/data/extraction_prompts.txt",
         "templates": ({k: templates[k] for k in ("neutral", "emotional")} if recipe == "paper"
-                      else {"emotional": templates["contrast"], "neutral": "{question}"}),
+                      else {"emotional": [list(t) for t in templates["contrast"]], "neutral": "{question}"}),
         "questions_per_emotion": questions_per_emotion,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy" + (" (vLLM)" if generate else " (transformers)"),
