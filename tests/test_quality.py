@@ -1,5 +1,6 @@
-"""The eval pipeline end to end on the default model with its bundled, calibrated vectors: steering toward an
-emotion raises that emotion's NADE score, and the metrics behave (similarity, perplexity, repetition)."""
+"""The eval pipeline end to end on the default model with its bundled, calibrated vectors (doses on bands):
+steering toward an emotion raises that emotion under both scorers, and the metrics behave (similarity,
+perplexity, repetition)."""
 
 import pytest
 from engine_helpers import shutdown
@@ -14,7 +15,7 @@ def result(default_model_dir):
 
     llm = LLM(model=str(default_model_dir), max_model_len=512, enforce_eager=True, seed=0,
               additional_config={"emosteer": {}})
-    variants = [Variant("unsteered", None), Variant("disgust 1", steer(disgust=1.0), ("disgust",), 1.0),
+    variants = [Variant("unsteered", None), Variant("sadness 1", steer(sadness=1.0), ("sadness",), 1.0),
                 Variant("fear 1", steer(fear=1.0), ("fear",), 1.0)]
     try:
         yield evaluate(llm, variants, neutral_prompts()[:12], max_tokens=32, progress=False)
@@ -24,14 +25,15 @@ def result(default_model_dir):
 
 def test_steering_raises_the_target_emotion(result):
     base = result.row("unsteered")
-    assert result.row("disgust 1")["score_disgust"] > base["score_disgust"] + 0.05
-    assert result.row("fear 1")["score_fear"] > base["score_fear"] + 0.02
+    assert result.row("sadness 1")["score_sadness"] > base["score_sadness"] + 0.1
+    assert result.row("sadness 1")["hit_nade"] >= 0.5 and result.row("sadness 1")["hit_minilm"] >= 0.5
+    assert result.row("fear 1")["hit_minilm"] > base["top_minilm_fear"] + 0.15
 
 
 def test_metrics_are_sane(result):
-    base, steered = result.row("unsteered"), result.row("disgust 1")
+    base, steered = result.row("unsteered"), result.row("sadness 1")
     assert base["sim"] == pytest.approx(1.0, abs=1e-4) and 0 < steered["sim"] < 0.95
     assert 1 < base["ppl"] < steered["ppl"]
     assert 0.5 < base["distinct2"] <= 1 and 0 < base["topic"] < 1
     assert 0 <= steered["hit_nade"] <= 1 and 0 <= steered["hit_minilm"] <= 1
-    assert set(steered["each_shows"]) == {"disgust"}
+    assert set(steered["each_shows"]) == {"sadness"}

@@ -155,6 +155,11 @@ def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int =
             row["target"] = float(np.mean([np.mean([scores[i][e] for e in variant.target]) for i in items]))
             row["hit_nade"] = float(np.mean([top in variant.target for top in tops]))
             row["hit_minilm"] = float(np.mean([top in variant.target for top in tops_minilm]))
+            # per answer: a hit that also stays coherent (no loop, on topic): fair to prompting, whose answers loop
+            ok = [distinct2(texts[i]) >= THRESHOLDS["distinct2"]
+                  and answer_vecs[i] @ prompt_vecs[index[i][1]] >= THRESHOLDS["topic"] for i in items]
+            row["coherent_hit_nade"] = float(np.mean([t in variant.target and o for t, o in zip(tops, ok)]))
+            row["coherent_hit_minilm"] = float(np.mean([t in variant.target and o for t, o in zip(tops_minilm, ok)]))
             # for mixes: does each component show (is it among NADE's top two)?
             row["each_shows"] = {e: float(np.mean([e in sorted(EMOTIONS, key=scores[i].get)[-2:] for i in items]))
                                  for e in variant.target}
@@ -192,14 +197,15 @@ def recommend(result: EvalResult, emotions) -> dict[str, dict | None]:
 
 
 def markdown(result: EvalResult) -> str:
-    lines = ["| variant | hit NADE | hit MiniLM | NADE target score | sim. to unsteered | on topic | perplexity | "
-             "distinct-2 |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | hit NADE | hit MiniLM | coherent hits NADE / MiniLM | NADE target score | sim. to unsteered | "
+             "on topic | perplexity | distinct-2 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result.rows:
-        cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("hit_nade", "hit_minilm")]
+        cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("hit_nade", "hit_minilm", "coherent_hit_nade",
+                                                             "coherent_hit_minilm")]
         target = f"{r['target']:.3f}" if "target" in r else "-"
         sim = f"{r['sim']:.3f}" if "sim" in r else "-"
-        lines.append(f"| {r['label']} | {cells[0]} | {cells[1]} | {target} | {sim} | {r['topic']:.3f} | "
-                     f"{r['ppl']:.1f} | {r['distinct2']:.3f} |")
+        lines.append(f"| {r['label']} | {cells[0]} | {cells[1]} | {cells[2]} / {cells[3]} | {target} | {sim} | "
+                     f"{r['topic']:.3f} | {r['ppl']:.1f} | {r['distinct2']:.3f} |")
     return "\n".join(lines)
 
 
