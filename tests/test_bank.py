@@ -28,7 +28,8 @@ def test_round_trip_keeps_everything(tmp_path):
     assert (loaded.emotions, loaded.hook, loaded.layers) == (bank.emotions, bank.hook, bank.layers)
     assert loaded.model == bank.model and loaded.recipe == bank.recipe and loaded.calibration == {"joy": 0.5}
     meta = loaded.metadata()
-    assert meta["format_version"] == 1 and len(meta["norms"]) == 4 and len(meta["norms"][0]) == 3
+    assert meta["format_version"] == 2 and meta["units"] == "alpha"
+    assert len(meta["norms"]) == 4 and len(meta["norms"][0]) == 3
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

@@ -47,7 +47,8 @@ def test_recommend_needs_both_scorers_and_coherence():
                 "hit_nade": nade, "hit_minilm": minilm, "distinct2": distinct, "topic": topic, "ppl": ppl}
 
     base = {"label": "unsteered", "group": "sweep", "emotions": [], "alpha": 0.0, "ppl": 2.0}
-    rows = [base, row(0.1, 0.3, 0.3, 0.9, 0.5), row(0.2, 0.6, 0.6, 0.8, 0.4), row(0.2, 0.9, 0.2, 0.8, 0.4, band=(0, 29)),
+    rows = [base, row(0.1, 0.3, 0.3, 0.9, 0.5), row(0.2, 0.6, 0.6, 0.8, 0.4),
+            row(0.2, 0.9, 0.2, 0.8, 0.4, band=(0, 29)),
             row(0.3, 0.7, 0.7, 0.8, 0.4, ppl=9.0), row(0.45, 0.9, 0.9, 0.5, 0.4), row(0.6, 1.0, 1.0, 0.7, 0.1)]
     # 0.3 is too disfluent, 0.45 repeats, 0.6 is off topic; on the all-layer band the scorers disagree
     assert recommend(EvalResult(rows), ["joy"]) == {"joy": {"value": 0.2, "band": [10, 19]}}

@@ -197,8 +197,8 @@ def recommend(result: EvalResult, emotions) -> dict[str, dict | None]:
 
 
 def markdown(result: EvalResult) -> str:
-    lines = ["| variant | hit NADE | hit MiniLM | coherent hits NADE / MiniLM | NADE target score | sim. to unsteered | "
-             "on topic | perplexity | distinct-2 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | hit NADE | hit MiniLM | coherent hits NADE / MiniLM | NADE target score | "
+             "sim. to unsteered | on topic | perplexity | distinct-2 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result.rows:
         cells = [f"{r[k]:.2f}" if k in r else "-" for k in ("hit_nade", "hit_minilm", "coherent_hit_nade",
                                                              "coherent_hit_minilm")]

@@ -328,7 +328,8 @@ def extract(
     details = {
         "recipe": recipe,
         "method": "mean(emotional answers) - mean(neutral answers), per layer",
-        "source": "EmotionQuery (Dong et al. 2025)" if recipe == "paper" else "vllm_emosteer/data/extraction_prompts.txt",
+        "source": ("EmotionQuery (Dong et al. 2025)" if recipe == "paper"
+                   else "vllm_emosteer/data/extraction_prompts.txt"),
         "templates": ({k: templates[k] for k in ("neutral", "emotional")} if recipe == "paper"
                       else {"emotional": [list(t) for t in templates["contrast"]], "neutral": "{question}"}),
         "questions_per_emotion": questions_per_emotion,

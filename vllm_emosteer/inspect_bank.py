@@ -35,6 +35,9 @@ def summary(bank: EmotionBank, path: Path | None = None) -> dict:
     }
 
 
+MEANING = {"dose": "intensity x dose x typical norm x unit vector", "alpha": "intensity x alpha x vector"}
+
+
 def render_text(info: dict) -> str:
     lines = [
         f"file        {info['file']}",
@@ -43,8 +46,8 @@ def render_text(info: dict) -> str:
         f"hook        {info['hook']}",
         f"shape       {len(info['layers'])} layers x {len(info['emotions'])} emotions x {info['hidden_size']}",
         f"layers      {info['layers'][0]}..{info['layers'][-1]}",
-        f"units       {info['units']} ({'intensity x dose x typical norm x unit vector' if info['units'] == 'dose' else 'intensity x alpha x vector'})",
-        f"calibrated  {info['calibration'] or 'no (intensity = the plain ' + ('dose' if info['units'] == 'dose' else 'alpha') + ')'}",
+        f"units       {info['units']} ({MEANING[info['units']]})",
+        f"calibrated  {info['calibration'] or 'no (intensity = the plain ' + info['units'] + ')'}",
         f"bands       {info['bands'] or 'none (every layer)'}",
         "",
         "L2 norm per layer" + (" (last column: typical activation norm)" if info["typical_norms"] else "") + ":",
