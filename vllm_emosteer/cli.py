@@ -227,7 +227,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .evaluate import THRESHOLDS, markdown, neutral_prompts, recommend
+    from .evaluate import CALIBRATION_DISTINCT2, THRESHOLDS, markdown, neutral_prompts, recommend
 
     bank, source = _bank_arg(args.vectors)
     values = args.alphas or ([0.1, 0.2, 0.3, 0.4, 0.55] if bank.units == "dose" else [0.25, 0.5, 1.0, 1.5, 2.0])
@@ -245,7 +245,7 @@ def cmd_calibrate(args) -> int:
         "prompts": len(prompts), "values": values, "bands": [list(b) for b in bands], "units": bank.units,
         "rule": "per emotion, among answers with distinct-2 >= {distinct2}, cosine to the question >= {topic} and "
                 "perplexity <= {ppl_ratio}x unsteered: the best hit rate that NADE and the MiniLM prototypes agree "
-                "on (the lower of the two)".format(**THRESHOLDS)}
+                "on (the lower of the two)".format(**dict(THRESHOLDS, distinct2=CALIBRATION_DISTINCT2))}
     unit = "relative dose" if bank.units == "dose" else "alpha"
     print(f"calibration (intensity 1.0 = this {unit}, on this layer band):")
     for e in bank.emotions:

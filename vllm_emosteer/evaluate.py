@@ -27,6 +27,8 @@ from .scores import EMOTIONS, embed, emotion_scores, prototype_scores, top_emoti
 # "the text stays coherent and on topic": little repetition, close to the question, fluent (perplexity at most
 # this many times the unsteered answers')
 THRESHOLDS = {"distinct2": 0.6, "topic": 0.3, "ppl_ratio": 4.0}
+# calibration keeps a margin above the 0.6 gate: at a mean distinct-2 of 0.6, many single answers still loop
+CALIBRATION_DISTINCT2 = 0.7
 
 
 def neutral_prompts() -> list[str]:
@@ -173,8 +175,8 @@ def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int =
     return result
 
 
-def coherent(row, base_ppl: float) -> bool:
-    return (row["distinct2"] >= THRESHOLDS["distinct2"] and row["topic"] >= THRESHOLDS["topic"]
+def coherent(row, base_ppl: float, min_distinct2: float = THRESHOLDS["distinct2"]) -> bool:
+    return (row["distinct2"] >= min_distinct2 and row["topic"] >= THRESHOLDS["topic"]
             and row["ppl"] <= THRESHOLDS["ppl_ratio"] * base_ppl)
 
 
@@ -184,13 +186,13 @@ def agreed_hit(row) -> float:
 
 
 def recommend(result: EvalResult, emotions) -> dict[str, dict | None]:
-    """Per emotion, among the coherent sweep rows: the best hit rate both scorers agree on (then the best mean
-    of the two, then the smaller value). {"value": dose or alpha, "band": [first, last] or None}, or None."""
+    """Per emotion, among the coherent sweep rows (distinct-2 >= CALIBRATION_DISTINCT2): the best hit rate both
+    scorers agree on (then the best mean of the two, then the smaller value). {"value": dose or alpha, "band": [first, last] or None}, or None."""
     base_ppl = next((r["ppl"] for r in result.rows if r["label"] == "unsteered"), float("inf"))
     best = {}
     for emotion in emotions:
         rows = [r for r in result.rows if r["emotions"] == [emotion] and r["alpha"] > 0 and r["group"] == "sweep"]
-        good = [r for r in rows if coherent(r, base_ppl)]
+        good = [r for r in rows if coherent(r, base_ppl, CALIBRATION_DISTINCT2)]
         pick = max(good, key=lambda r: (agreed_hit(r), r["hit_nade"] + r["hit_minilm"], -r["alpha"]), default=None)
         best[emotion] = {"value": pick["alpha"], "band": pick["band"]} if pick else None
     return best
