@@ -3,7 +3,7 @@ import math
 import pytest
 
 from vllm_emosteer import SteeringError, steer
-from vllm_emosteer.spec import SteeringLimits, parse_steering
+from vllm_emosteer.spec import SteeringLimits, has_steering_args, parse_steering
 
 LIMITS = SteeringLimits(("joy", "anger", "disgust", "fear", "sadness"), num_layers=30, max_intensity=8.0,
                         max_emotions=3)
@@ -65,3 +65,20 @@ def test_bad_input_names_the_field(extra_args, parameter, words):
     assert isinstance(info.value, ValueError)
     assert info.value.parameter == parameter
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["Emotion", "emotions ", "steer_layer", "Steer_Positions", "STEER_RAW"])
+def test_near_miss_fields_are_refused_not_ignored(key):
+    with pytest.raises(SteeringError, match=f"unknown steering field {key!r}") as info:
+        parse_steering({key: "joy"}, LIMITS)
+    assert info.value.parameter == key and "steer_layers" in str(info.value)
+    assert has_steering_args({key: 1}) and not has_steering_args({"temperature_hint": 1})
+
+
+@pytest.mark.parametrize("extra_args, parameter", [({"steer_layers": [1, 2]}, "steer_layers"),
+                                                   ({"steer_positions": "all"}, "steer_positions"),
+                                                   ({"steer_raw": True}, "steer_raw")])
+def test_flat_options_without_an_emotion_are_refused(extra_args, parameter):
+    with pytest.raises(SteeringError, match="given without any emotion") as info:
+        parse_steering(extra_args, LIMITS)
+    assert info.value.parameter == parameter

@@ -128,9 +128,16 @@ def _flat_parts(extra_args: dict):
     return pairs, extra_args.get("steer_positions"), extra_args.get("steer_layers"), extra_args.get("steer_raw")
 
 
+def _near_misses(extra_args: dict) -> list[str]:
+    """Keys that look like a steering field but are not one ("Emotion", "emotions ", "steer_layer")."""
+    known = set(FLAT_KEYS) | {"emosteer"}
+    return [key for key in extra_args if isinstance(key, str) and key not in known
+            and (key.strip().lower() in known or key.strip().lower().startswith("steer_"))]
+
+
 def has_steering_args(extra_args) -> bool:
     return isinstance(extra_args, dict) and (
-        "emosteer" in extra_args or any(key in extra_args for key in FLAT_KEYS)
+        "emosteer" in extra_args or any(key in extra_args for key in FLAT_KEYS) or bool(_near_misses(extra_args))
     )
 
 
@@ -140,6 +147,10 @@ def parse_steering(extra_args, limits: SteeringLimits) -> SteeringSpec | None:
     Raises SteeringError naming the offending field."""
     if not has_steering_args(extra_args):
         return None
+    misses = _near_misses(extra_args)
+    if misses:
+        _fail(f"unknown steering field {misses[0]!r}; the steering fields are {list(FLAT_KEYS)} "
+              "(or one nested 'emosteer' object)", misses[0], misses[0])
     if "emosteer" in extra_args:
         if any(key in extra_args for key in FLAT_KEYS):
             _fail("give either the nested 'emosteer' object or the flat keys, not both", "emosteer")
@@ -161,6 +172,10 @@ def parse_steering(extra_args, limits: SteeringLimits) -> SteeringSpec | None:
             "emosteer.emotions" if "emosteer" in extra_args else "emotions",
         )
 
+    if not pairs and "emosteer" not in extra_args:  # flat steer_* fields alone would silently steer nothing
+        given = [names[k] for k, v in (("positions", positions), ("layers", layers), ("raw", raw)) if v is not None]
+        if given:
+            _fail(f"{given[0]} given without any emotion", given[0])
     if positions is None:
         positions = "response"
     if positions not in POSITION_MODES:
