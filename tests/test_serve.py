@@ -59,6 +59,18 @@ def test_invalid_steering_gets_400_naming_the_field(server, xargs, param, words)
     assert info.value.status_code == 400 and error["param"] == param and words in error["message"]
 
 
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+@pytest.mark.parametrize("xargs, param", [({"emotion": "love", "intensity": 1.0}, "emotion"),
+                                          ({"Emotion": "joy"}, "Emotion"),
+                                          ({"steer_layers": [1, 2]}, "steer_layers")])
+def test_streaming_with_bad_steering_gets_400_before_any_event(server, endpoint, xargs, param):
+    body = {"model": "smol", "max_tokens": 8, "stream": True, "vllm_xargs": xargs}
+    body.update({"messages": QUESTION} if endpoint == "chat/completions" else {"prompt": "My day was"})
+    reply = requests.post(f"{server.url}/v1/{endpoint}", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text[:300]
+    assert reply.json()["error"]["param"] == param and "data:" not in reply.text
+
+
 def test_64_concurrent_clients_mixed_traffic(server):
     rng = random.Random(0)
     kinds = ["plain", "single", "mixed", "invalid"]

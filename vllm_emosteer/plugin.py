@@ -22,11 +22,13 @@ import functools
 import logging
 import os
 import sys
+import weakref
 
 import numpy as np
 
 logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
 _installed = False
+_front_end = None  # weakref to the last InputProcessor created in this process (the API server has one)
 
 
 def _wrap(cls, name: str, make):
@@ -116,37 +118,77 @@ def _frontend_options(processor):
     return options
 
 
+def _validate(processor, params):
+    """The request's steering spec under this front-end's engine (None: unsteered), or a SteeringError."""
+    from .options import is_enabled
+    from .spec import SteeringError, has_steering_args, parse_steering
+
+    if is_enabled(processor.vllm_config):
+        return parse_steering(params.extra_args, _frontend_options(processor).limits)
+    if has_steering_args(params.extra_args):
+        raise SteeringError("this engine was started without steering; start it with "
+                            "additional_config {\"emosteer\": {}} to use emotions", "emosteer")
+    return None
+
+
 def _patch_input_processor():
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
     from . import metrics
     from .options import is_enabled
-    from .spec import SteeringError, has_steering_args, parse_steering
+
+    def make_init(original):
+        def __init__(self, *args, **kwargs):
+            global _front_end
+            original(self, *args, **kwargs)
+            _front_end = weakref.ref(self)
+
+        return __init__
 
     def make(original):
         def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-            spec = options = None
+            spec = None
             if isinstance(params, SamplingParams):
-                if is_enabled(self.vllm_config):
-                    options = _frontend_options(self)
-                    spec = parse_steering(params.extra_args, options.limits)
-                elif has_steering_args(params.extra_args):
-                    raise SteeringError(
-                        "this engine was started without steering; start it with "
-                        "additional_config {\"emosteer\": {}} to use emotions",
-                        "emosteer",
-                    )
+                spec = _validate(self, params)
             request = original(self, request_id, prompt, params, *args, **kwargs)
             if spec is not None:
+                options = _frontend_options(self)
                 request.cache_salt = combined_salt(request.cache_salt, f"{options.bank_digest}-{spec.fingerprint()}")
-            if options is not None:
+            if isinstance(params, SamplingParams) and is_enabled(self.vllm_config):
                 metrics.count_request(spec)
             return request
 
         return process_inputs
 
+    _wrap(InputProcessor, "__init__", make_init)
     _wrap(InputProcessor, "process_inputs", make)
+
+
+def _patch_openai_requests():
+    """`vllm serve`: validate steering where vLLM turns a request into sampling parameters, before any response
+    starts, so a streaming request with bad steering gets HTTP 400 like a non-streaming one (not 200 and an
+    error event inside the stream). The engine's own check in process_inputs stays."""
+    from vllm.sampling_params import SamplingParams
+
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    except ImportError:  # another vLLM layout: process_inputs still validates (streaming then errors in-stream)
+        return
+
+    def make(original):
+        def to_sampling_params(self, *args, **kwargs):
+            params = original(self, *args, **kwargs)
+            processor = _front_end() if _front_end is not None else None
+            if processor is not None and isinstance(params, SamplingParams):
+                _validate(processor, params)
+            return params
+
+        return to_sampling_params
+
+    for cls in (ChatCompletionRequest, CompletionRequest):
+        _wrap(cls, "to_sampling_params", make)
 
 
 # ---- workers -----------------------------------------------------------------------------------------------
@@ -263,6 +305,7 @@ def install() -> None:
 
     _patch_engine_args()
     _patch_input_processor()
+    _patch_openai_requests()
     _patch_v1_runner()
     _patch_v2_runner()
     _installed = True
