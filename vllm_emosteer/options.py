@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from importlib import resources
@@ -63,8 +61,8 @@ class EmosteerOptions:
     num_model_layers: int
     max_dose: float = 1.0
 
-    @property
-    def limits(self) -> SteeringLimits:
+    @cached_property
+    def limits(self) -> SteeringLimits:  # cached: the front-end checks every request against it
         return SteeringLimits(
             emotions=tuple(self.bank.emotions),
             num_layers=self.num_model_layers,
@@ -96,11 +94,11 @@ class EmosteerOptions:
     def bank_digest(self) -> str:
         return self.bank.digest()
 
-    @cached_property
+    @property
     def config_digest(self) -> str:
-        """What compiled graphs depend on: the vectors, the file's layers, hook and emotions."""
-        facts = [self.bank_digest, list(self.bank.layers), self.bank.hook, list(self.bank.emotions)]
-        return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+        """What compiled graphs depend on: the vectors, the file's layers, hook and emotions (all in the bank's
+        digest, which also covers its scaling metadata)."""
+        return self.bank_digest
 
     def describe(self) -> dict:
         """What clients may discover about this server's steering."""
