@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder and install as vllm_emosteer.kernels.
-    packages=["vllm_emosteer", "vllm_emosteer.kernels"],
+    packages=["vllm_emosteer", "vllm_emosteer.engine", "vllm_emosteer.vectors", "vllm_emosteer.quality",
+              "vllm_emosteer.serving", "vllm_emosteer.kernels"],
     package_dir={"vllm_emosteer": "vllm_emosteer", "vllm_emosteer.kernels": "kernels"},
     package_data={"vllm_emosteer": ["data/*.json", "data/*.safetensors", "data/*LICENSE*", "data/*.txt"]},
     install_requires=[
@@ -31,7 +32,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["emosteer = vllm_emosteer:register"],
-        "vllm.endpoint_plugins": ["emosteer = vllm_emosteer.endpoint:EmosteerEndpoint"],
+        "vllm.endpoint_plugins": ["emosteer = vllm_emosteer.serving.endpoint:EmosteerEndpoint"],
         "console_scripts": ["vllm-emosteer = vllm_emosteer.cli:main"],
     },
 )

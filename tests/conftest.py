@@ -71,7 +71,7 @@ def make_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0)
 def make_tiny_bank(model_dir: Path, out: Path, hook: str = "attn_out", scale: float = 0.5, seed: int = 1):
     from transformers import AutoConfig
 
-    from vllm_emosteer.bank import EmotionBank, model_facts
+    from vllm_emosteer.vectors.bank import EmotionBank, model_facts
 
     config = AutoConfig.from_pretrained(model_dir)
     g = torch.Generator().manual_seed(seed)

@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import vllm_emosteer.bank as bank_module
-from vllm_emosteer.bank import BankError, EmotionBank
+import vllm_emosteer.vectors.bank as bank_module
+from vllm_emosteer.vectors.bank import BankError, EmotionBank
 
 
 def make_bank(L=4, E=3, H=64, hook="attn_out"):

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from vllm_emosteer.bank import EmotionBank
-from vllm_emosteer.interop import export_gguf
+from vllm_emosteer.vectors.bank import EmotionBank
+from vllm_emosteer.vectors.interop import export_gguf
 
 
 def run(*args):

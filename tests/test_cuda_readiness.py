@@ -80,7 +80,7 @@ def test_compile_cache_key_follows_the_vectors_file_contents(tiny_llama, tmp_pat
 
 
 def test_worker_refuses_a_file_changed_after_start(tiny_llama, tmp_path):
-    from vllm_emosteer.options import DIGEST_KEY, EmosteerConfigError, options_from_vllm_config
+    from vllm_emosteer.engine.options import DIGEST_KEY, EmosteerConfigError, options_from_vllm_config
 
     path = tmp_path / "v.safetensors"
     make_tiny_bank(tiny_llama, path)
@@ -100,8 +100,8 @@ def test_naive_mode_refuses_cuda_graphs(tiny_llama, tiny_bank_path):
     The CPU platform always turns CUDA graphs off, so the check runs on a config that has them."""
     from vllm.config import CUDAGraphMode
 
-    from vllm_emosteer.options import EmosteerConfigError, options_from_vllm_config
-    from vllm_emosteer.plugin import _check_engine_features
+    from vllm_emosteer.engine.options import EmosteerConfigError, options_from_vllm_config
+    from vllm_emosteer.engine.plugin import _check_engine_features
 
     vllm_config = SimpleNamespace(additional_config={"emosteer": {"vectors": str(tiny_bank_path), "mode": "naive"}},
                                   model_config=SimpleNamespace(hf_config=None, hf_text_config=None))
@@ -193,9 +193,9 @@ def test_copies_inside_input_prep_window_and_buffers_registered(tiny_llama, tiny
 # ---- the eager host plan against the op ---------------------------------------------------------------------
 @pytest.fixture
 def runtime():
-    from vllm_emosteer.bank import EmotionBank
-    from vllm_emosteer.options import EmosteerOptions
-    from vllm_emosteer.runtime import SteeringRuntime
+    from vllm_emosteer.vectors.bank import EmotionBank
+    from vllm_emosteer.engine.options import EmosteerOptions
+    from vllm_emosteer.engine.runtime import SteeringRuntime
 
     g = torch.Generator().manual_seed(3)
     bank = EmotionBank(torch.randn(TINY_LAYERS, len(EMOTIONS), TINY_HIDDEN, generator=g), EMOTIONS, "attn_out",
@@ -224,7 +224,7 @@ JOY, MIX, SAD_LATE, FEAR_ALL = (steer(joy=1.5), steer(anger=0.7, fear=-1.2), ste
 def test_host_plan_equals_the_op(runtime, dtype, specs, prompts, tokens, computed, padding):
     """Requests are admitted through the runtime (slots, coefficients, per-slot offsets), then every layer of the
     eager host plan must equal the op's general path on the same rows."""
-    from vllm_emosteer.ops import steer_add_torch
+    from vllm_emosteer.engine.ops import steer_add_torch
 
     req_ids = [f"r{i}" for i in range(len(specs))]
     requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=spec), num_prompt_tokens=n)

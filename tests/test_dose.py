@@ -12,7 +12,7 @@ from engine_helpers import params, prompt, shutdown, tiny_llm
 from safetensors.torch import save_file
 
 from vllm_emosteer import steer
-from vllm_emosteer.bank import EmotionBank
+from vllm_emosteer.vectors.bank import EmotionBank
 
 EMOTIONS = ["joy", "anger", "disgust", "fear", "sadness"]
 NORMS = [3.0, 5.0, 8.0, 13.0]  # per layer of the tiny model

@@ -9,7 +9,7 @@ import torch
 from engine_helpers import params, prompt, tiny_llm, tokens_and_logprobs
 
 from vllm_emosteer import steer
-from vllm_emosteer.bank import EmotionBank
+from vllm_emosteer.vectors.bank import EmotionBank
 
 EMOTIONS = ["joy", "anger", "disgust", "fear", "sadness"]
 

@@ -1,6 +1,6 @@
 """The quality metrics and the calibration rule (the sweep itself runs through the engine in `vllm-emosteer eval`)."""
 
-from vllm_emosteer.evaluate import (EvalResult, band_layers, distinct2, neutral_prompts, prompt_variants,
+from vllm_emosteer.quality.evaluate import (EvalResult, band_layers, distinct2, neutral_prompts, prompt_variants,
                                     recommend, sweep_variants)
 
 
@@ -11,7 +11,7 @@ def test_distinct2_measures_repetition():
 
 
 def test_neutral_prompts_are_many_and_held_out_from_extraction():
-    from vllm_emosteer.extract import extraction_questions, load_questions
+    from vllm_emosteer.vectors.extract import extraction_questions, load_questions
 
     prompts = neutral_prompts()
     assert len(prompts) >= 60 and len(set(prompts)) == len(prompts)

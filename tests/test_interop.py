@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_emosteer.bank import BankError, EmotionBank
-from vllm_emosteer.interop import detect_format, export_gguf, import_gguf, import_paper_json
+from vllm_emosteer.vectors.bank import BankError, EmotionBank
+from vllm_emosteer.vectors.interop import detect_format, export_gguf, import_gguf, import_paper_json
 
 PAPER = Path(__file__).resolve().parents[2] / "shared/data/emotionvector-paper/EMVector-qwen2.5"
 EXCERPT = Path(__file__).parent / "data/paper-qwen2.5-excerpt"

@@ -6,7 +6,7 @@ import pytest
 from engine_helpers import shutdown
 
 from vllm_emosteer import steer
-from vllm_emosteer.evaluate import Variant, evaluate, neutral_prompts
+from vllm_emosteer.quality.evaluate import Variant, evaluate, neutral_prompts
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from vllm_emosteer import SteeringError, steer
-from vllm_emosteer.spec import SteeringLimits, has_steering_args, parse_steering
+from vllm_emosteer.engine.spec import SteeringLimits, has_steering_args, parse_steering
 
 LIMITS = SteeringLimits(("joy", "anger", "disgust", "fear", "sadness"), num_layers=30, max_intensity=8.0,
                         max_emotions=3)

@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny_bank, make_tiny_model
 from engine_helpers import tiny_llm
 
-from vllm_emosteer.bank import EmotionBank
+from vllm_emosteer.vectors.bank import EmotionBank
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ __all__ = ["SteeringError", "register", "steer"]
 
 def register() -> None:
     """Entry point of the `vllm.general_plugins` group; vLLM calls it in every process."""
-    from .plugin import install
+    from .engine.plugin import install
 
     install()
 
@@ -14,7 +14,7 @@ def register() -> None:
 def __getattr__(name):
     # Lazy, so that the kernel, op and hooks import without vLLM (the GPU check machine has none).
     if name in ("steer", "SteeringError"):
-        from . import spec
+        from .engine import spec
 
         return getattr(spec, name)
     raise AttributeError(name)

@@ -26,7 +26,7 @@ def cmd_extract(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .default_model import DEFAULT_MODEL_NAME, model_path
-    from .extract import EMOTIONS, TEMPLATES, extract, vllm_generator
+    from .vectors.extract import EMOTIONS, TEMPLATES, extract, vllm_generator
 
     unknown = [e for e in args.emotions if e not in EMOTIONS]
     if unknown:
@@ -79,15 +79,15 @@ def cmd_extract(args) -> int:
 
 
 def _bank_arg(path: str | None):
-    from .bank import EmotionBank
-    from .options import vectors_path
+    from .vectors.bank import EmotionBank
+    from .engine.options import vectors_path
 
     target = vectors_path(path)
     return EmotionBank.load(target), target
 
 
 def cmd_inspect(args) -> int:
-    from .inspect_bank import plot, render_text, summary
+    from .vectors.inspect import plot, render_text, summary
 
     bank, path = _bank_arg(args.file)
     info = summary(bank, path)
@@ -103,8 +103,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .bank import model_facts
-    from .interop import detect_format, import_gguf, import_paper_json
+    from .vectors.bank import model_facts
+    from .vectors.interop import detect_format, import_gguf, import_paper_json
 
     sources = [Path(s) for s in args.src]
     for source in sources:
@@ -129,7 +129,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .interop import export_gguf
+    from .vectors.interop import export_gguf
 
     bank, _ = _bank_arg(args.file)
     for path in export_gguf(bank, Path(args.gguf), args.emotion):
@@ -160,7 +160,7 @@ def _run_variants(args, vectors: str | None, variants, prompts):
     from vllm import LLM
 
     from .default_model import model_path
-    from .evaluate import evaluate
+    from .quality.evaluate import evaluate
 
     options = {"vectors": vectors, "max_intensity": 100.0, "max_dose": 100.0} if vectors else {}
     llm = LLM(model=args.model or str(model_path()), max_model_len=1024, enforce_eager=True, max_num_seqs=256,
@@ -177,7 +177,7 @@ def _shutdown(llm) -> None:
 
 
 def _bands(args, bank) -> list:
-    from .evaluate import band_layers
+    from .quality.evaluate import band_layers
 
     if args.layers:
         return [tuple(args.layers)]
@@ -188,7 +188,7 @@ def _sweep(args, bank, emotions, prompts, values, bands):
     """Sweep on an uncalibrated copy of the file: an intensity is then a plain dose (or alpha) on the band."""
     import tempfile
 
-    from .evaluate import sweep_variants
+    from .quality.evaluate import sweep_variants
 
     with tempfile.TemporaryDirectory() as tmp:
         path = str(bank.uncalibrated().save(Path(tmp) / "uncalibrated.safetensors"))
@@ -196,7 +196,7 @@ def _sweep(args, bank, emotions, prompts, values, bands):
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import (calibrated_variants, extra_variants, markdown, neutral_prompts, plot, prompt_variants,
+    from .quality.evaluate import (calibrated_variants, extra_variants, markdown, neutral_prompts, plot, prompt_variants,
                            Variant)
 
     bank, source = _bank_arg(args.vectors)
@@ -227,7 +227,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .evaluate import CALIBRATION_DISTINCT2, THRESHOLDS, markdown, neutral_prompts, recommend
+    from .quality.evaluate import CALIBRATION_DISTINCT2, THRESHOLDS, markdown, neutral_prompts, recommend
 
     bank, source = _bank_arg(args.vectors)
     values = args.alphas or ([0.1, 0.2, 0.3, 0.4, 0.55] if bank.units == "dose" else [0.25, 0.5, 1.0, 1.5, 2.0])
@@ -357,11 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .bank import BankError
+    from .vectors.bank import BankError
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # everything after `serve` is vLLM's: `vllm serve MODEL --additional-config ...`
-        from .serve import main as serve_main
+        from .serving.serve import main as serve_main
 
         return serve_main(argv[1:])
     args = build_parser().parse_args(argv)

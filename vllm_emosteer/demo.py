@@ -13,7 +13,7 @@ QUESTIONS = (
 
 
 def variants(emotions: list[str], intensity: float) -> list[tuple[str, dict | None]]:
-    from .spec import steer
+    from .engine.spec import steer
 
     rows: list[tuple[str, dict | None]] = [("unsteered", None)]
     rows += [(f"{e} {intensity:g}", steer(**{e: intensity})) for e in emotions]
@@ -28,8 +28,8 @@ def run_demo(model: str | None, vectors: str | None, intensity: float, max_token
     from vllm import LLM, SamplingParams
 
     from .default_model import model_path
-    from .options import load_bank, vectors_path
-    from .scores import emotion_scores, prototype_scores, top_emotion
+    from .engine.options import load_bank, vectors_path
+    from .quality.scores import emotion_scores, prototype_scores, top_emotion
 
     model = model or str(model_path())
     options = {"vectors": vectors} if vectors else {}

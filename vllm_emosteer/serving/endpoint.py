@@ -28,7 +28,7 @@ class EmosteerEndpoint:
             return JSONResponse(self.info)
 
     async def init_state(self, engine_client, state, args) -> None:
-        from .options import is_enabled, options_from_vllm_config
+        from ..engine.options import is_enabled, options_from_vllm_config
 
         config = getattr(engine_client, "vllm_config", None)
         if config is not None and is_enabled(config):

@@ -135,7 +135,7 @@ def _patch_input_processor():
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from . import metrics
+    from ..serving import metrics
     from .options import is_enabled
 
     def make_init(original):

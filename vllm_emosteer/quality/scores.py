@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .extract import EMOTIONS
+from ..vectors.extract import EMOTIONS
 
 PROTOTYPES = {
     "joy": (

@@ -16,7 +16,7 @@ from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .bank import BankError, EmotionBank, config_fingerprint
+from ..vectors.bank import BankError, EmotionBank, config_fingerprint
 from .spec import SteeringLimits
 
 CONFIG_KEY = "emosteer"

@@ -74,7 +74,7 @@ def band_layers(name: str, num_layers: int) -> tuple[int, int]:
 
 def sweep_variants(emotions, values, positions="response", bands=(None,)) -> list[Variant]:
     """For an engine on an uncalibrated copy: each emotion at each value (a dose or an alpha) on each band."""
-    from .spec import steer
+    from ..engine.spec import steer
 
     variants = [Variant("unsteered", None, alpha=0.0)]
     for emotion in emotions:
@@ -90,14 +90,14 @@ def sweep_variants(emotions, values, positions="response", bands=(None,)) -> lis
 
 def calibrated_variants(emotions, intensity: float = 1.0) -> list[Variant]:
     """Each emotion at a calibrated intensity (what a user gets from `steer(joy=1.0)`)."""
-    from .spec import steer
+    from ..engine.spec import steer
 
     return [Variant(f"{e} {intensity:g}", steer(**{e: intensity}), (e,), intensity, "calibrated") for e in emotions]
 
 
 def prompt_variants(emotions) -> list[Variant]:
     """The baseline: no steering, the emotion asked for in the prompt."""
-    from .extract import DESCRIPTIONS
+    from ..vectors.extract import DESCRIPTIONS
 
     return [Variant(f"prompted {e}", None, (e,), 0.0, "prompt",
                     template=PROMPT_TEMPLATE.replace("{description}", DESCRIPTIONS.get(e, f"extremely {e}")))
@@ -247,7 +247,7 @@ MIXES = (("joy", "sadness"), ("anger", "fear"), ("disgust", "joy"), ("joy", "fea
 def extra_variants(emotions, intensity: float = 1.0) -> list[Variant]:
     """On the calibrated file: two-emotion mixes (the contributions add, each on its own band) and positions
     'all' (the prompt steered too) against the default 'response'."""
-    from .spec import steer
+    from ..engine.spec import steer
 
     variants = []
     for a, b in [m for m in MIXES if set(m) <= set(emotions)]:

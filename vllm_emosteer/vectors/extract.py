@@ -235,8 +235,8 @@ def select_pairs(samples: list[Sample], emotions) -> dict[str, dict]:
     loop little; keep, for each emotion, the neutral answers that the two scorers do not both rank as it (the
     default model's plain answers are cheerful: NADE ranks 95% of them joy, so "neither" would leave three).
     Returns the contrast table: per emotion, how emotional and how neutral the answers were, and what was kept."""
-    from .evaluate import distinct2
-    from .scores import emotion_scores, prototype_scores, top_emotion
+    from ..quality.evaluate import distinct2
+    from ..quality.scores import emotion_scores, prototype_scores, top_emotion
 
     texts = [s.text for s in samples]
     tops = list(zip([top_emotion(x) for x in emotion_scores(texts)], [top_emotion(x) for x in prototype_scores(texts)]))

@@ -1,0 +1,1 @@
+"""Steering inside vLLM: request specs, engine options, the runtime, the hooks and the op."""

@@ -1,0 +1,1 @@
+"""Does steering show: the evaluation and its emotion scorers."""

@@ -1,0 +1,1 @@
+"""Serving: the HTTP endpoint, Prometheus metrics, the serve command."""

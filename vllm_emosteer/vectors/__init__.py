@@ -1,0 +1,1 @@
+"""Emotion vectors: the bank file, extraction, interop with other formats, inspection."""
