@@ -9,7 +9,9 @@ It installs version-guarded wrappers on vLLM 0.32/0.33 classes. Each wrapper doe
   (notice logged).
 * InputProcessor.process_inputs (front-end, `LLM` and `vllm serve` alike): validates each request's steering
   before anything is scheduled (SteeringError: ValueError for `LLM`, HTTP 400 for the server) and salts the
-  prefix cache of steered requests with the spec's fingerprint.
+  prefix cache of steered requests with the spec's fingerprint and the digests of the vector sets it uses.
+* OutputProcessor.add_request (front-end): which unfinished requests use which vector set (updates.py).
+* WorkerBase.emosteer_update_set: the worker side of loading and unloading vector sets at run time.
 * V1 model runner (workers): load_model installs buffers and hooks; execute_model releases finished and
   preempted requests; _preprocess (real batches only) fills the per-token rows and copies them to the device.
   _preprocess runs inside `synchronize_input_prep`, the window in which vLLM may rewrite its reused pinned host
@@ -108,7 +110,7 @@ def _uses_cuda_graphs(config) -> bool:
     return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
 
 
-def _frontend_options(processor):
+def frontend_options(processor):
     options = getattr(processor, "_emosteer_options", None)
     if options is None:
         from .options import options_from_vllm_config
@@ -124,7 +126,7 @@ def _validate(processor, params):
     from .spec import SteeringError, has_steering_args, parse_steering
 
     if is_enabled(processor.vllm_config):
-        return parse_steering(params.extra_args, _frontend_options(processor).limits)
+        return parse_steering(params.extra_args, frontend_options(processor).limits)
     if has_steering_args(params.extra_args):
         raise SteeringError("this engine was started without steering; start it with "
                             "additional_config {\"emosteer\": {}} to use emotions", "emosteer")
@@ -134,9 +136,11 @@ def _validate(processor, params):
 def _patch_input_processor():
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.output_processor import OutputProcessor
 
     from ..serving import metrics
     from .options import is_enabled
+    from .updates import usage
 
     def make_init(original):
         def __init__(self, *args, **kwargs):
@@ -148,21 +152,40 @@ def _patch_input_processor():
 
     def make(original):
         def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-            spec = None
+            spec = token = salt = None
             if isinstance(params, SamplingParams):
-                spec = _validate(self, params)
-            request = original(self, request_id, prompt, params, *args, **kwargs)
+                with usage.lock:  # atomic with a runtime unload's check (updates.py)
+                    spec = _validate(self, params)
+                    if spec is not None:
+                        sets = frontend_options(self).sets
+                        token = usage.hold(spec.set_names(sets.default.name))
+                        salt = sets.salt(spec)
+            try:
+                request = original(self, request_id, prompt, params, *args, **kwargs)
+            except BaseException:
+                if token is not None:
+                    usage.release(token)
+                raise
             if spec is not None:
-                options = _frontend_options(self)
-                request.cache_salt = combined_salt(request.cache_salt, f"{options.bank_digest}-{spec.fingerprint()}")
+                usage.attach(token, request)
+                request.cache_salt = combined_salt(request.cache_salt, f"{salt}-{spec.fingerprint()}")
             if isinstance(params, SamplingParams) and is_enabled(self.vllm_config):
                 metrics.count_request(spec)
             return request
 
         return process_inputs
 
+    def make_add(original):
+        def add_request(self, request, *args, **kwargs):
+            result = original(self, request, *args, **kwargs)
+            usage.registered(request)
+            return result
+
+        return add_request
+
     _wrap(InputProcessor, "__init__", make_init)
     _wrap(InputProcessor, "process_inputs", make)
+    _wrap(OutputProcessor, "add_request", make_add)
 
 
 def _patch_openai_requests():
@@ -204,14 +227,14 @@ def install_steering(runner) -> None:
     # per-layer nonzero on CPU); never where the forward is captured into a CUDA graph.
     runtime.host_plan = runner.device.type == "cpu" or not _uses_cuda_graphs(runner.vllm_config)
     runtime.register_buffers(runner.get_model())
-    rows = {options.bank.layers[row]: row for row in options.steered_rows()}
-    runtime.handles = install_hooks(runner.get_model(), runtime, options.bank.hook, rows)
+    rows = {options.sets.layers[row]: row for row in options.steered_rows()}
+    runtime.handles = install_hooks(runner.get_model(), runtime, options.sets.hook, rows)
     if not runtime.handles and runner.vllm_config.parallel_config.pipeline_parallel_size == 1:
         raise RuntimeError("emosteer: no layer could be hooked; refusing to run unsteered")
     runner._emosteer = runtime
     runner.get_model().emosteer_runtime = runtime  # reachable from LLM.apply_model, for inspection
     logger.info(
-        "emosteer: hooked %d layers at %s on %s (%s)", len(runtime.handles), options.bank.hook,
+        "emosteer: hooked %d layers at %s on %s (%s)", len(runtime.handles), options.sets.hook,
         runner.device, "Triton kernel" if runner.device.type == "cuda" else "torch op",
     )
 
@@ -275,6 +298,15 @@ def _patch_v1_runner():
           make_prepare)
 
 
+def _patch_worker():
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from .updates import RPC_METHOD, update_set_on_worker
+
+    if not hasattr(WorkerBase, RPC_METHOD):
+        setattr(WorkerBase, RPC_METHOD, update_set_on_worker)
+
+
 def _patch_v2_runner():
     """Model Runner V2 is not supported yet: refuse to start rather than run unsteered."""
     try:
@@ -307,5 +339,6 @@ def install() -> None:
     _patch_input_processor()
     _patch_openai_requests()
     _patch_v1_runner()
+    _patch_worker()
     _patch_v2_runner()
     _installed = True

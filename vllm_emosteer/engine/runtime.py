@@ -1,6 +1,7 @@
 """Per-step steering state of one model runner: persistent buffers refreshed in place before each forward.
 
-* `coeff[slot, L, E]` (fp32): each steered request owns a slot while it is scheduled; its alphas are
+* `bank[L, C, H]` (fp32): the vector sets' blocks (`sets.py`); a set loaded at run time is written in place.
+* `coeff[slot, L, C]` (fp32): each steered request owns a slot while it is scheduled; its alphas are
   written once, when it gets the slot (zero outside the request's layer range).
 * `row_of_token[T_max]` (int32): for each token of the flattened batch, its request's slot, or -1 when the
   token is not steered (unsteered request, prompt token in "response" mode, padding).
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from vllm.v1.utils import CpuGpuBuffer
 
+from ..vectors.bank import EmotionBank
 from .ops import steer_add_eager
 from .options import EmosteerOptions
 from .spec import SteeringError, SteeringSpec, parse_steering
@@ -44,10 +46,8 @@ class StepPlan:
 class SteeringRuntime:
     def __init__(self, options: EmosteerOptions, max_tokens: int, max_slots: int, device: torch.device):
         self.options = options
-        bank = options.bank
-        self.limits = options.limits
-        L, E, _ = bank.vectors.shape
-        self.bank = bank.vectors.to(device)  # fp32 [L, E, H]
+        self.bank = options.sets.device_bank(device)  # fp32 [L, C, H]
+        L, E, H = self.bank.shape
         pin = device.type == "cuda"
         self.rows = CpuGpuBuffer(max_tokens, dtype=torch.int32, device=device, pin_memory=pin)
         self.coeff = CpuGpuBuffer(max_slots, L, E, dtype=torch.float32, device=device, pin_memory=pin)
@@ -70,8 +70,8 @@ class SteeringRuntime:
         # gets the slot, so that a steered layer costs one small add (no per-step or per-layer matmul)
         self.slot_offsets: torch.Tensor | None = None
         self.offset_rows: list[tuple[torch.Tensor, ...]] = []  # per slot, its [H] offset at each bank row (views)
-        if device.type == "cpu" and max_slots * L * bank.vectors.shape[2] <= SLOT_OFFSETS_LIMIT:
-            self.slot_offsets = torch.zeros(max_slots, L, bank.vectors.shape[2])
+        if device.type == "cpu" and max_slots * L * H <= SLOT_OFFSETS_LIMIT:
+            self.slot_offsets = torch.zeros(max_slots, L, H)
             self.offset_rows = [self.slot_offsets[slot].unbind(0) for slot in range(max_slots)]
 
     def register_buffers(self, model: torch.nn.Module) -> None:
@@ -91,7 +91,7 @@ class SteeringRuntime:
     def _spec_of(self, req_id: str, request) -> SteeringSpec | None:
         params = getattr(request, "sampling_params", None)
         try:
-            return parse_steering(getattr(params, "extra_args", None), self.limits)
+            return parse_steering(getattr(params, "extra_args", None), self.options.limits)
         except SteeringError as exc:  # the front-end validated it; never raise inside the worker
             logger.error("emosteer: request %s left unsteered, invalid spec reached the worker: %s", req_id, exc)
             return None
@@ -105,9 +105,22 @@ class SteeringRuntime:
             self.forget([r for r in list(self.slot_of) if r not in scheduled])
         slot = self.free_slots.pop()
         self.slot_of[req_id] = slot
-        self.coeff.np[slot] = self.options.bank.coefficients(dict(spec.intensities), spec.raw, spec.layers).numpy()
+        self.coeff.np[slot] = self.options.sets.coefficients(spec).numpy()
         self.start_of_slot[slot] = 0 if spec.positions == "all" else max(request.num_prompt_tokens - 1, 0)
         self.coeff_dirty = True
+
+    def update_set(self, name: str, bank: EmotionBank | None, source: str = "") -> str | None:
+        """Load (or replace) a vector set into its block of the bank, in place; bank None unloads it. Runs between
+        steps (a collective RPC); the front-end refuses it while requests that use the set are unfinished."""
+        sets = self.options.sets
+        if bank is None:
+            removed = sets.remove(name)
+            start = removed.block * sets.width
+            self.bank[:, start: start + sets.width].zero_()
+            return None
+        vector_set = sets.add(name, bank, source)
+        sets.write(self.bank, vector_set)
+        return vector_set.digest
 
     # ---- per step ---------------------------------------------------------------------------------------
     def prepare(self, req_ids: list[str], requests: dict, num_tokens_per_req: np.ndarray,
