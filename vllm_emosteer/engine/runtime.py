@@ -132,10 +132,10 @@ class SteeringRuntime:
             for req_id in admitted:
                 self._admit(req_id, requests[req_id], scheduled)
             if self.host_plan and self.slot_offsets is not None:
-                new = [self.slot_of[r] for r in admitted if self.slot_of[r] != UNSTEERED]
-                if new:
-                    idx = torch.tensor(new)
-                    self.slot_offsets[idx] = torch.bmm(self.coeff.gpu[idx].transpose(0, 1), self.bank).transpose(0, 1)
+                for slot in (self.slot_of[r] for r in admitted if self.slot_of[r] != UNSTEERED):
+                    # one slot at a time: a batched matmul may sum in another order, and a request's offsets
+                    # must not depend on which requests were admitted with it
+                    self.slot_offsets[slot] = torch.bmm(self.coeff.gpu[slot].unsqueeze(1), self.bank).squeeze(1)
         if self.coeff_dirty:
             self.coeff.copy_to_gpu()
             self.coeff_dirty = False

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from ..serving import metrics
 from ..vectors.bank import BankError, EmotionBank
 from .sets import check_set_name
@@ -197,9 +199,10 @@ class FrontEnd:
 
 
 def rpc_args(name: str, bank: EmotionBank | None, source: str = "") -> tuple:
+    """Plain bytes and JSON: vLLM's RPC encoder does not round-trip tensors nested in the args tuple."""
     if bank is None:
         return (name, None, None, "")
-    return (name, bank.vectors, json.dumps(bank.metadata()), source)
+    return (name, bank.vectors.numpy().tobytes(), json.dumps(bank.metadata()), source)
 
 
 def _front_end_of(engine) -> FrontEnd:
@@ -265,5 +268,10 @@ def update_set_on_worker(worker, name: str, vectors, metadata: str | None, sourc
     runtime = getattr(getattr(worker, "model_runner", None), "_emosteer", None)
     if runtime is None:
         raise RuntimeError("emosteer: this worker has no steering runtime")
-    bank = None if vectors is None else EmotionBank.from_parts(vectors, json.loads(metadata), source)
+    bank = None
+    if vectors is not None:
+        meta = json.loads(metadata)
+        shape = (len(meta["layers"]), len(meta["emotions"]), -1)
+        tensor = torch.frombuffer(bytearray(vectors), dtype=torch.float32).reshape(shape)
+        bank = EmotionBank.from_parts(tensor, meta, source)
     return runtime.update_set(name, bank, source)
