@@ -148,3 +148,23 @@ def test_browser_shows_server_errors_next_to_the_control(browser, server):
     assert "joy at 8.0 reaches a relative dose" in joy_error.text and "max_dose" in joy_error.text
     assert joy_error.find_element(By.XPATH, "..").get_attribute("data-emotion") == "joy"
     assert layers_error.text == ""
+
+
+def test_browser_third_column_scales_the_mix(browser, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(browser, server)
+    slider(browser, "joy").send_keys(Keys.ARROW_RIGHT * 10)
+    browser.find_element(By.ID, "third").click()
+    scale = browser.find_element(By.ID, "third-scale")
+    scale.clear()
+    scale.send_keys("5")  # joy 5.0: beyond the dose limit, while joy 1.0 is within it
+    run_and_wait(browser)
+    third = browser.find_element(By.ID, "answer-third")
+    assert third.is_displayed() and "joy 5.0" in third.find_element(By.TAG_NAME, "h2").text
+    assert third.get_attribute("data-state") == "error"
+    assert "joy at 5.0 reaches a relative dose" in browser.find_element(
+        By.CSS_SELECTOR, '[data-error-for="third-scale"]').text
+    assert browser.find_element(By.CSS_SELECTOR, '[data-error-for="emotion:joy"]').text == ""
+    assert browser.find_element(By.ID, "answer-steered").get_attribute("data-state") == "done"
