@@ -1,6 +1,7 @@
 """The playground (`GET /emosteer`): served only with steering on, and driven in a real headless Chromium against
 a real `vllm-emosteer serve` of the default model (one server for the module, short answers)."""
 
+import json
 import shutil
 
 import pytest
@@ -119,6 +120,10 @@ def test_browser_streams_unsteered_and_steered_side_by_side(browser, server, tmp
     assert states == ["done", "done"], texts
     assert all(texts) and texts[0] != texts[1]
     assert "joy 1.5" in columns[1].find_element(By.TAG_NAME, "h2").text
+    sent = [json.loads(column.find_element(By.CLASS_NAME, "request").get_attribute("textContent"))
+            for column in columns]
+    assert "vllm_xargs" not in sent[0] and sent[0]["messages"] == sent[1]["messages"]
+    assert sent[1]["vllm_xargs"] == {"emotions": ["joy"], "intensities": [1.5], "steer_positions": "response"}
     plain, steered = (column.rect for column in columns)
     assert steered["x"] >= plain["x"] + plain["width"] and steered["y"] == plain["y"]  # side by side
 
@@ -162,7 +167,7 @@ def test_browser_third_column_scales_the_mix(browser, server):
     scale.send_keys("5")  # joy 5.0: beyond the dose limit, while joy 1.0 is within it
     run_and_wait(browser)
     third = browser.find_element(By.ID, "answer-third")
-    assert third.is_displayed() and "joy 5.0" in third.find_element(By.TAG_NAME, "h2").text
+    assert third.is_displayed() and "joy 5" in third.find_element(By.TAG_NAME, "h2").text
     assert third.get_attribute("data-state") == "error"
     assert "joy at 5.0 reaches a relative dose" in browser.find_element(
         By.CSS_SELECTOR, '[data-error-for="third-scale"]').text

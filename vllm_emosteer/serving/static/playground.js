@@ -82,12 +82,15 @@ function numberOrNull(id) {
   return text === "" ? null : Number(text);
 }
 
+// Three decimals, as sent: the title of a column shows the intensities its request carries.
+const scaled = (value, scale) => Math.round(value * scale * 1000) / 1000;
+
 // The flat `vllm_xargs` form (README, "Steering requests"): OpenAI's extra body allows no nested objects.
 function steering(pairs, scale) {
   if (pairs.length === 0) return null;
   const xargs = {
     emotions: pairs.map(([emotion]) => emotion),
-    intensities: pairs.map(([, value]) => Math.round(value * scale * 1000) / 1000),
+    intensities: pairs.map(([, value]) => scaled(value, scale)),
     steer_positions: $("positions").value,
   };
   const first = numberOrNull("layer-first");
@@ -100,7 +103,7 @@ function steering(pairs, scale) {
 
 function describe(pairs, scale) {
   if (pairs.length === 0) return "no emotion set";
-  return pairs.map(([emotion, value]) => `${emotion} ${(value * scale).toFixed(1)}`).join(", ");
+  return pairs.map(([emotion, value]) => `${emotion} ${scaled(value, scale)}`).join(", ");
 }
 
 function columns() {
@@ -110,7 +113,6 @@ function columns() {
     {id: "answer-steered", title: `steered: ${describe(pairs, 1)}`, xargs: steering(pairs, 1), pairs},
   ];
   const scale = numberOrNull("third-scale") ?? 2;
-  $("answer-third").hidden = !$("third").checked;
   if ($("third").checked) {
     list.push({id: "answer-third", title: `×${scale}: ${describe(pairs, scale)}`, xargs: steering(pairs, scale),
                pairs, scaleControl: "third-scale"});
@@ -154,7 +156,9 @@ async function stream(column, signal) {
   const box = $(column.id);
   const textBox = box.querySelector(".text");
   const meta = box.querySelector(".meta");
+  const body = requestBody(column.xargs);
   box.querySelector("h2").textContent = column.title;
+  box.querySelector(".request").textContent = JSON.stringify(body, null, 1);
   textBox.textContent = "";
   meta.textContent = "";
   box.dataset.state = "running";
@@ -165,7 +169,7 @@ async function stream(column, signal) {
   try {
     const reply = await fetch("v1/chat/completions", {
       method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify(requestBody(column.xargs)), signal,
+      body: JSON.stringify(body), signal,
     });
     if (!reply.ok) throw await serverError(reply);
     const reader = reply.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -262,6 +266,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (running) running.abort();
     else if (model) run();
   });
+  $("third").addEventListener("change", () => { $("answer-third").hidden = !$("third").checked; });
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("controls").requestSubmit();
   });
