@@ -3,6 +3,7 @@ a real `vllm-emosteer serve` of the default model (one server for the module, sh
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -38,7 +39,7 @@ def test_page_is_served_only_while_steering_is_on():
         reply = client.get(route)
         assert reply.status_code == 404 and reply.json() == refused.json()
 
-    endpoint.info = {"enabled": True, "emotions": EMOTIONS}
+    endpoint.options = SimpleNamespace()  # steering on: the page's routes read nothing from the options
     page = client.get("/emosteer")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "connect-src 'self'" in page.headers["content-security-policy"]
