@@ -3,6 +3,7 @@
     GET    /v1/emosteer              what this server's steering offers (emotions, layers, limits, vector sets)
     POST   /v1/emosteer/sets         {"name": ..., "file": ..., "replace": false}: load a vector set at run time
     DELETE /v1/emosteer/sets/{name}  unload one
+    GET    /emosteer                 the playground page (playground.py)
 
 Runtime changes need VLLM_EMOSTEER_ALLOW_RUNTIME_UPDATES=1 and the `sets_dir` option (engine/updates.py).
 A `vllm.endpoint_plugins` entry point. vLLM loads endpoint plugins only when they are named in VLLM_PLUGINS:
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from .playground import attach_playground
 
 ROUTE = "/v1/emosteer"
 NOT_ENABLED = {"enabled": False, "message": "steering is not enabled on this server; start it with "
@@ -73,6 +76,12 @@ class EmosteerEndpoint:
             except SetUpdateError as exc:
                 return _error(exc.status, str(exc))
             return JSONResponse({"unloaded": name})
+
+        attach_playground(app, self.refusal)
+
+    def refusal(self) -> JSONResponse | None:
+        """The 404 every route answers while steering is off."""
+        return JSONResponse(NOT_ENABLED, status_code=404) if self.options is None else None
 
     async def init_state(self, engine_client, state, args) -> None:
         from ..engine.options import is_enabled
