@@ -9,6 +9,8 @@ Two recipes, both "mean activation of emotional answers minus that of neutral an
   steering must recreate when a user asks a plain question. Pairs are kept only where the emotional answer
   reads as its emotion (NADE or MiniLM prototypes put it first, little repetition) and the neutral answer does
   not. The file stores units "dose" and each layer's typical activation norm.
+* pairs: the user's own concepts from a pairs file (`pairs.py`), answered and captured like the contrast recipe;
+  units "dose".
 * paper: Dong et al.'s recipe. N EmotionQuery questions of each emotion answered under a neutral and an
   emotional system prompt; activations captured under each answer's own prompt; units "alpha".
 
@@ -28,9 +30,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .bank import EmotionBank, model_facts
+from .pairs import Pair, PairsError, concepts_of
 
 EMOTIONS = ("joy", "anger", "disgust", "fear", "sadness")
-RECIPES = ("contrast", "paper")
+RECIPES = ("contrast", "paper", "pairs")
 DESCRIPTIONS = {
     "joy": "extremely happy and joyful",
     "anger": "extremely angry and furious",
@@ -123,8 +126,8 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     answers = []
     for batch in _batches(prompts, batch_size):
         width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=pad,
@@ -176,8 +179,8 @@ def mean_activations(model, samples: list[Sample], hook: str, batch_size: int, b
         for batch in _batches(samples, batch_size):
             seqs = [s.context + s.answer_ids for s in batch]
             width = max(len(s) for s in seqs)
-            ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+            ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=model.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             # steered positions: last context token .. last answer token, never position 0
             select = torch.zeros(len(batch), width)
@@ -187,7 +190,7 @@ def mean_activations(model, samples: list[Sample], hook: str, batch_size: int, b
                 select[row, first:end] = 1.0
                 answer[row, max(len(s.context), 1):end] = True
             weights = (select / select.sum(1, keepdim=True)).double()
-            stacked = torch.stack([captured[i].double() for i in range(len(layers))], dim=1)  # [B, L, T, H]
+            stacked = torch.stack([captured[i].double().cpu() for i in range(len(layers))], dim=1)  # [B, L, T, H]
             means.append(torch.einsum("blth,bt->blh", stacked, weights))
             token_norms.append(stacked.norm(dim=-1).permute(1, 0, 2)[:, answer])  # [L, answer tokens]
             bar.update(1)
@@ -228,6 +231,51 @@ def _contrast_samples(tokenizer, emotions, questions: list[str], templates) -> l
                 samples.append(Sample(emotion, "emotional", question, prompt, [], context_ids=plain,
                                       kept_for=(emotion,), asked_in=role))
     return samples
+
+
+def _pair_samples(tokenizer, pairs: list[Pair]) -> list[Sample]:
+    """Two samples per pair: its positive ("emotional") and negative ("neutral") side, keyed by the pair's line."""
+    samples = []
+    for pair in pairs:
+        key = f"line {pair.line}"
+        plain = _prompt_ids(tokenizer, None, pair.question) if pair.question else []
+        sides = (("emotional", pair.positive, pair.positive_text), ("neutral", pair.negative, pair.negative_text))
+        for condition, instruction, text in sides:
+            if text is None:
+                samples.append(Sample(pair.concept, condition, key, _prompt_ids(tokenizer, instruction, pair.question),
+                                      [], context_ids=plain, kept_for=(pair.concept,)))
+                continue
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if len(plain) + len(ids) < 3:
+                raise PairsError(f"line {pair.line}: the {condition.replace('emotional', 'positive')} text is too "
+                                 "short to capture (give a question or a longer text)")
+            samples.append(Sample(pair.concept, condition, key, plain, ids, text=text, kept_for=(pair.concept,)))
+    return samples
+
+
+def consistency(means: torch.Tensor, samples: list[Sample], concepts) -> dict[str, dict[str, float | None]]:
+    """Per concept and layer band (thirds of the model), the mean pairwise cosine of the per-pair differences
+    (emotional minus neutral answer to the same question): consistent differences make reliable vectors
+    (arXiv 2505.22637). None: fewer than two pairs."""
+    num_layers = means.shape[1]
+    third = max(num_layers // 3, 1)
+    bands = [(0, third - 1), (third, 2 * third - 1), (2 * third, num_layers - 1)] if num_layers >= 3 else [
+        (0, num_layers - 1)]
+    table = {}
+    for concept in concepts:
+        neutral = {s.question: i for i, s in enumerate(samples) if s.condition == "neutral" and concept in s.kept_for}
+        diffs = [means[i] - means[neutral[s.question]] for i, s in enumerate(samples)
+                 if s.condition == "emotional" and concept in s.kept_for and s.question in neutral]
+        n = len(diffs)
+        if n < 2:
+            table[concept] = {f"{a}-{b}": None for a, b in bands}
+            continue
+        units = torch.stack(diffs)
+        units = units / units.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [n, L, H]
+        total = units.sum(0)
+        per_layer = ((total * total).sum(-1) - n) / (n * (n - 1))  # mean over pairs i != j of cos(d_i, d_j)
+        table[concept] = {f"{a}-{b}": round(float(per_layer[a: b + 1].mean()), 3) for a, b in bands}
+    return table
 
 
 def select_pairs(samples: list[Sample], emotions) -> dict[str, dict]:
@@ -284,10 +332,14 @@ def extract(
     filter_pairs: bool = True,
     model_name: str | None = None,
     generate=None,
+    pairs: list[Pair] | None = None,
+    pairs_source: str | None = None,
 ) -> tuple[EmotionBank, list[Sample]]:
     """The vectors of `emotions` by `recipe` (RECIPES); returns the bank and the samples (with the contrast
     table in `bank.recipe["contrast"]` for the contrast recipe when `filter_pairs`). `generate(prompts,
     max_new_tokens, eos_ids)` answers the prompts (default: transformers' generate on `model`)."""
+    if pairs is not None:
+        recipe, emotions = "pairs", concepts_of(pairs)
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {list(RECIPES)}")
     templates = {**TEMPLATES, "contrast": CONTRAST_TEMPLATES, **(templates or {})}
@@ -295,23 +347,30 @@ def extract(
     torch.manual_seed(seed)
     if recipe == "paper":
         samples = _paper_samples(tokenizer, emotions, questions_per_emotion, templates, rng)
+    elif recipe == "pairs":
+        if pairs is None:
+            raise ValueError("the pairs recipe needs pairs (extract --pairs FILE)")
+        samples = _pair_samples(tokenizer, pairs)
     else:
         pool = extraction_questions()
         if questions_per_emotion > len(pool):
             raise ValueError(f"the contrast recipe has {len(pool)} questions, asked for {questions_per_emotion}")
         samples = _contrast_samples(tokenizer, emotions, rng.sample(pool, questions_per_emotion), templates["contrast"])
 
-    steps = (1 if generate else 2) * -(-len(samples) // batch_size)
+    to_answer = [s for s in samples if not s.answer_ids]  # pairs with ready texts need no answers
+    steps = (1 if generate or not to_answer else 2) * -(-len(samples) // batch_size)
     with tqdm(total=steps, desc=f"extract ({recipe}: " + ("capture" if generate else "generate, then capture") + ")",
               unit="batch") as bar:
-        if generate:
+        if not to_answer:
+            answers = []
+        elif generate:
             eos_ids = model.generation_config.eos_token_id or tokenizer.eos_token_id
             eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
-            answers = generate([s.prompt_ids for s in samples], max_new_tokens, eos)
+            answers = generate([s.prompt_ids for s in to_answer], max_new_tokens, eos)
         else:
-            answers = generate_answers(model, tokenizer, [s.prompt_ids for s in samples], max_new_tokens,
+            answers = generate_answers(model, tokenizer, [s.prompt_ids for s in to_answer], max_new_tokens,
                                        batch_size, bar)
-        for sample, answer in zip(samples, answers):
+        for sample, answer in zip(to_answer, answers):
             sample.answer_ids = answer if answer else [tokenizer.eos_token_id]
             sample.text = tokenizer.decode(answer, skip_special_tokens=True).strip()
         contrast = select_pairs(samples, emotions) if recipe == "contrast" and filter_pairs else None
@@ -327,11 +386,13 @@ def extract(
     vectors = torch.stack(rows, dim=1).float()  # [L, E, H]
     details = {
         "recipe": recipe,
+        "consistency": consistency(means, samples, emotions),
         "method": "mean(emotional answers) - mean(neutral answers), per layer",
-        "source": ("EmotionQuery (Dong et al. 2025)" if recipe == "paper"
-                   else "vllm_emosteer/data/extraction_prompts.txt"),
+        "source": {"paper": "EmotionQuery (Dong et al. 2025)", "contrast": "vllm_emosteer/data/extraction_prompts.txt",
+                   "pairs": pairs_source or "contrast pairs"}[recipe],
         "templates": ({k: templates[k] for k in ("neutral", "emotional")} if recipe == "paper"
-                      else {"emotional": [list(t) for t in templates["contrast"]], "neutral": "{question}"}),
+                      else {"emotional": [list(t) for t in templates["contrast"]], "neutral": "{question}"}
+                      if recipe == "contrast" else "the pairs file's instructions or texts"),
         "questions_per_emotion": questions_per_emotion,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy" + (" (vLLM)" if generate else " (transformers)"),
@@ -348,7 +409,7 @@ def extract(
         layers=list(range(vectors.shape[0])),
         model=model_facts(model.config, model_name),
         recipe=details,
-        units="dose" if recipe == "contrast" else "alpha",
+        units="alpha" if recipe == "paper" else "dose",
         typical_norms=typical_norms,
     )
     return bank, samples
