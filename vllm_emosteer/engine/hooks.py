@@ -57,12 +57,16 @@ def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dic
             continue
         if hook == "attn_out":
             def after_attention(_module, _args, output, row=row):
+                if runtime.capture is not None:  # capture mode: the activation as the model made it
+                    runtime.capture.add(output[0] if isinstance(output, tuple) else output, row)
                 _steer(output[0] if isinstance(output, tuple) else output, runtime, row)
                 return output
 
             handles.append(layer.self_attn.register_forward_hook(after_attention))
         else:
             def after_layer(_module, _args, output, row=row):
+                if runtime.capture is not None:  # the stream is hidden + residual
+                    runtime.capture.add(output[0] + output[1] if isinstance(output, tuple) else output, row)
                 _steer(output[1] if isinstance(output, tuple) else output, runtime, row)
                 return output
 

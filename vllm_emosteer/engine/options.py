@@ -5,6 +5,8 @@
     max_sets       how many vector sets the engine has room for (default: the number given); sets loaded at run
                    time fill the rest
     sets_dir       the only folder runtime loads may read from (needs VLLM_EMOSTEER_ALLOW_RUNTIME_UPDATES=1)
+    capture        "attn_out" or "residual": capture mode, for extraction inside vLLM (capture.py); without
+                   vectors, every layer is hooked with zero vectors
     max_intensity  largest |intensity| a request may ask for (default 8.0)
     max_dose       largest relative dose (|offset| / typical activation norm, per layer) a request may reach, for
                    vectors files that record typical norms (default 1.0)
@@ -21,12 +23,15 @@ from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
-from ..vectors.bank import BankError, EmotionBank, config_fingerprint
+import torch
+
+from ..vectors.bank import HOOKS, BankError, EmotionBank, config_fingerprint, model_facts
 from .sets import DEFAULT_SET, VectorSets, check_set_name
 from .spec import SteeringLimits
 
 CONFIG_KEY = "emosteer"
-OPTION_KEYS = ("vectors", "max_intensity", "max_dose", "max_emotions", "layers", "mode", "max_sets", "sets_dir")
+OPTION_KEYS = ("vectors", "max_intensity", "max_dose", "max_emotions", "layers", "mode", "max_sets", "sets_dir",
+               "capture")
 # Internal: set by the plugin at start-up to `config_digest`, so that vLLM's config hash (its compile-cache key)
 # changes with the vectors file's contents, not only with its path. Workers check it against the file they load.
 DIGEST_KEY = "_digest"
@@ -66,6 +71,7 @@ class EmosteerOptions:
     num_model_layers: int
     max_dose: float = 1.0
     sets_dir: Path | None = None
+    capture: str | None = None
 
     @property
     def bank(self) -> EmotionBank:
@@ -124,7 +130,15 @@ def options_from_vllm_config(vllm_config) -> EmosteerOptions:
     if unknown:
         raise EmosteerConfigError(f"unknown emosteer options {unknown}; known: {list(OPTION_KEYS)}")
     hf_config = vllm_config.model_config.hf_config
-    start = _start_sets(raw.get("vectors"), hf_config)
+    capture = raw.get("capture")
+    if capture is not None and capture not in HOOKS:
+        raise EmosteerConfigError(f"emosteer.capture must be one of {list(HOOKS)}, got {capture!r}")
+    if capture is not None and raw.get("vectors") is None:
+        start = {"capture": (_zero_bank(hf_config, capture), "zero vectors (capture mode)")}
+    else:
+        start = _start_sets(raw.get("vectors"), hf_config)
+    if capture is not None and next(iter(start.values()))[0].hook != capture:
+        raise EmosteerConfigError(f"emosteer.capture {capture!r} differs from the vectors' hook point")
 
     num_layers = int(vllm_config.model_config.hf_text_config.num_hidden_layers)
     max_intensity = raw.get("max_intensity", 8.0)
@@ -161,10 +175,16 @@ def options_from_vllm_config(vllm_config) -> EmosteerOptions:
     except BankError as exc:
         raise EmosteerConfigError(f"emosteer: {exc}") from None
     options = EmosteerOptions(sets, float(max_intensity), max_emotions, layers, mode, num_layers, float(max_dose),
-                              sets_dir)
+                              sets_dir, capture)
     if DIGEST_KEY in raw and raw[DIGEST_KEY] != options.config_digest:
         raise EmosteerConfigError("emosteer: a vectors file changed after the engine started; restart it")
     return options
+
+
+def _zero_bank(hf_config, hook: str) -> EmotionBank:
+    facts = model_facts(hf_config)
+    zeros = torch.zeros(facts["num_layers"], 1, facts["hidden_size"])
+    return EmotionBank(zeros, ["none"], hook, list(range(facts["num_layers"])), facts)
 
 
 def _start_sets(vectors, hf_config) -> dict[str, tuple[EmotionBank, str]]:

@@ -30,6 +30,7 @@ import numpy as np
 
 logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
 _installed = False
+TAKE_CAPTURES = "emosteer_take_captures"
 _front_end = None  # weakref to the last InputProcessor created in this process (the API server has one)
 
 
@@ -101,6 +102,12 @@ def _check_engine_features(config, options) -> None:
     if options.mode == "naive" and (config.compilation_config.mode != 0 or _uses_cuda_graphs(config)):
         problems.append("mode 'naive' (a Python loop per request) needs enforce_eager=True (no compilation, "
                         "no CUDA graphs: a graph would freeze one step's loop)")
+    if options.capture is not None:
+        if config.compilation_config.mode != 0 or _uses_cuda_graphs(config):
+            problems.append("capture mode needs enforce_eager=True (it selects tokens on the host every step)")
+        if config.cache_config.enable_prefix_caching:
+            problems.append("capture mode needs enable_prefix_caching=False (a cached token is never computed, "
+                            "so it could not be captured)")
     if problems:
         raise EmosteerConfigError("emosteer cannot steer this engine: " + "; ".join(problems))
 
@@ -126,11 +133,26 @@ def _validate(processor, params):
     from .spec import SteeringError, has_steering_args, parse_steering
 
     if is_enabled(processor.vllm_config):
+        _validate_capture(frontend_options(processor), params.extra_args)
         return parse_steering(params.extra_args, frontend_options(processor).limits)
     if has_steering_args(params.extra_args):
         raise SteeringError("this engine was started without steering; start it with "
                             "additional_config {\"emosteer\": {}} to use emotions", "emosteer")
     return None
+
+
+def _validate_capture(options, extra_args) -> None:
+    from .capture import CAPTURE_KEY, CaptureError, parse_capture
+    from .spec import SteeringError
+
+    if not isinstance(extra_args, dict) or CAPTURE_KEY not in extra_args:
+        return
+    if options.capture is None:
+        raise SteeringError("this engine was not started in capture mode (option capture)", CAPTURE_KEY)
+    try:
+        parse_capture(extra_args)
+    except CaptureError as exc:
+        raise SteeringError(str(exc), CAPTURE_KEY) from None
 
 
 def _patch_input_processor():
@@ -231,6 +253,11 @@ def install_steering(runner) -> None:
     runtime.handles = install_hooks(runner.get_model(), runtime, options.sets.hook, rows)
     if not runtime.handles and runner.vllm_config.parallel_config.pipeline_parallel_size == 1:
         raise RuntimeError("emosteer: no layer could be hooked; refusing to run unsteered")
+    if runtime.capture is not None:
+        from .hooks import local_decoder_layers
+
+        local = local_decoder_layers(runner.get_model())
+        runtime.capture.local_rows = [row for layer, row in rows.items() if layer in local]
     runner._emosteer = runtime
     runner.get_model().emosteer_runtime = runtime  # reachable from LLM.apply_model, for inspection
     logger.info(
@@ -270,7 +297,7 @@ def _patch_v1_runner():
             if runtime is not None:
                 runtime.forget(scheduler_output.finished_req_ids)
                 if scheduler_output.preempted_req_ids:
-                    runtime.forget(scheduler_output.preempted_req_ids)
+                    runtime.forget(scheduler_output.preempted_req_ids, preempted=True)
             return original(self, scheduler_output, *args, **kwargs)
 
         return execute_model
@@ -298,6 +325,22 @@ def _patch_v1_runner():
           make_prepare)
 
 
+def take_captures_on_worker(worker) -> dict:
+    """The worker side of TAKE_CAPTURES: this rank's finished captures, as bytes (vLLM's RPC encoder does not
+    round-trip nested tensors); tensor-parallel ranks other than 0 hold the same values and send nothing."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    runtime = getattr(getattr(worker, "model_runner", None), "_emosteer", None)
+    if runtime is None or runtime.capture is None:
+        raise RuntimeError("emosteer: this worker is not in capture mode")
+    done = runtime.capture.take()
+    if get_tensor_model_parallel_rank() != 0:
+        return {}
+    rows = runtime.capture.local_rows
+    return {key: {"rows": rows, "count": item["count"], "sums": item["sums"].numpy().tobytes(),
+                  "norms": [item["norms"][row].numpy().tobytes() for row in rows]} for key, item in done.items()}
+
+
 def _patch_worker():
     from vllm.v1.worker.worker_base import WorkerBase
 
@@ -305,6 +348,8 @@ def _patch_worker():
 
     if not hasattr(WorkerBase, RPC_METHOD):
         setattr(WorkerBase, RPC_METHOD, update_set_on_worker)
+    if not hasattr(WorkerBase, TAKE_CAPTURES):
+        setattr(WorkerBase, TAKE_CAPTURES, take_captures_on_worker)
 
 
 def _patch_v2_runner():

@@ -20,6 +20,7 @@ import torch
 from vllm.v1.utils import CpuGpuBuffer
 
 from ..vectors.bank import EmotionBank
+from .capture import Capture
 from .ops import steer_add_eager
 from .options import EmosteerOptions
 from .spec import SteeringError, SteeringSpec, parse_steering
@@ -64,6 +65,7 @@ class SteeringRuntime:
         self.segments: list[tuple[int, int, int]] = []  # mode "naive" only: (first token, end, slot) per request
         # Host-side plan of the step, for forwards that run eagerly (set by install_steering: CPU, or CUDA without
         # CUDA graphs). Compiled graphs and captured CUDA graphs always call the op and never read it.
+        self.capture = Capture(L, H, device) if options.capture else None  # capture mode (extraction)
         self.host_plan = False
         self.plan: StepPlan | None = None
         # CPU host plan: each slot's offsets at every bank row, [slots, L, H] fp32, computed once when a request
@@ -81,8 +83,10 @@ class SteeringRuntime:
             model.register_buffer(f"emosteer_{name}", tensor, persistent=False)
 
     # ---- request lifetime -------------------------------------------------------------------------------
-    def forget(self, req_ids) -> None:
+    def forget(self, req_ids, preempted: bool = False) -> None:
         """Finished, aborted or preempted requests give their slot back."""
+        if self.capture is not None:
+            (self.capture.restart if preempted else self.capture.finish)(req_ids)
         for req_id in req_ids:
             slot = self.slot_of.pop(req_id, UNSTEERED)
             if slot != UNSTEERED:
@@ -126,6 +130,8 @@ class SteeringRuntime:
     def prepare(self, req_ids: list[str], requests: dict, num_tokens_per_req: np.ndarray,
                 num_computed: np.ndarray, query_pos: np.ndarray) -> None:
         """Fill row_of_token for this step's flattened batch (requests in batch-row order)."""
+        if self.capture is not None:
+            self.capture.prepare(req_ids, requests, num_tokens_per_req, num_computed, query_pos)
         if any(r not in self.slot_of for r in req_ids):
             scheduled = set(req_ids)
             admitted = [r for r in req_ids if r not in self.slot_of]

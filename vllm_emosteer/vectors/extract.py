@@ -1,4 +1,4 @@
-"""Extract emotion vectors with transformers.
+"""Extract emotion vectors, inside vLLM (`vllm_capture.py`) or with transformers (here, the reference).
 
 Two recipes, both "mean activation of emotional answers minus that of neutral answers, per layer":
 
@@ -20,8 +20,8 @@ sink, ~170x the norm of other tokens in SmolLM2).
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -137,28 +137,6 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
             answers.append(row[:cut])
         bar.update(1)
     return answers
-
-
-def vllm_generator(model_path: str, dtype: str = "auto", seed: int = 0):
-    """A `generate` for `extract` that answers through vLLM (batched, greedy): several times faster than
-    transformers' generate on CPU. The engine is stopped before the capture starts."""
-
-    def generate(prompts: list[list[int]], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB on the CPU backend (else most of the RAM)
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, seed=seed, max_num_seqs=256,
-                  max_model_len=max(len(p) for p in prompts) + max_new_tokens + 8)
-        try:
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                   SamplingParams(max_tokens=max_new_tokens, temperature=0), use_tqdm=True)
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-        answers = [list(o.outputs[0].token_ids) for o in outputs]
-        return [a[: next((i for i, t in enumerate(a) if t in eos), len(a))] for a in answers]
-
-    return generate
 
 
 @torch.no_grad()
@@ -334,10 +312,14 @@ def extract(
     generate=None,
     pairs: list[Pair] | None = None,
     pairs_source: str | None = None,
+    engine=None,
 ) -> tuple[EmotionBank, list[Sample]]:
     """The vectors of `emotions` by `recipe` (RECIPES); returns the bank and the samples (with the contrast
     table in `bank.recipe["contrast"]` for the contrast recipe when `filter_pairs`). `generate(prompts,
-    max_new_tokens, eos_ids)` answers the prompts (default: transformers' generate on `model`)."""
+    max_new_tokens, eos_ids)` answers the prompts (default: transformers' generate on `model`). `engine`: a
+    `VllmExtractor` that answers and captures inside vLLM (then `model` may be None)."""
+    if engine is not None:
+        generate = engine.generate
     if pairs is not None:
         recipe, emotions = "pairs", concepts_of(pairs)
     if recipe not in RECIPES:
@@ -364,7 +346,7 @@ def extract(
         if not to_answer:
             answers = []
         elif generate:
-            eos_ids = model.generation_config.eos_token_id or tokenizer.eos_token_id
+            eos_ids = (model.generation_config.eos_token_id if model is not None else None) or tokenizer.eos_token_id
             eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
             answers = generate([s.prompt_ids for s in to_answer], max_new_tokens, eos)
         else:
@@ -376,7 +358,8 @@ def extract(
         contrast = select_pairs(samples, emotions) if recipe == "contrast" and filter_pairs else None
         samples = [s for s in samples if s.kept_for]  # answers the filter dropped are not captured
         bar.total = bar.n + -(-len(samples) // batch_size)
-        means, typical_norms = mean_activations(model, samples, hook, batch_size, bar)  # [N, L, H]
+        capture = engine.capture if engine is not None else functools.partial(mean_activations, model)
+        means, typical_norms = capture(samples, hook, batch_size, bar)  # [N, L, H]
 
     rows = []
     for emotion in emotions:
@@ -396,8 +379,9 @@ def extract(
         "questions_per_emotion": questions_per_emotion,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy" + (" (vLLM)" if generate else " (transformers)"),
+        "capture": "vLLM (capture mode)" if engine is not None else "transformers",
         "positions": "last context token and answer tokens, position 0 excluded; mean per answer, then over answers",
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": engine.dtype if engine is not None else str(next(model.parameters()).dtype).replace("torch.", ""),
         "seed": seed,
     }
     if contrast is not None:
@@ -407,7 +391,7 @@ def extract(
         emotions=list(emotions),
         hook=hook,
         layers=list(range(vectors.shape[0])),
-        model=model_facts(model.config, model_name),
+        model=model_facts(engine.config if engine is not None else model.config, model_name),
         recipe=details,
         units="alpha" if recipe == "paper" else "dose",
         typical_norms=typical_norms,
