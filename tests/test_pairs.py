@@ -1,6 +1,7 @@
 """Your own concepts: pairs files, their errors, the consistency signal, and steering with the result."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -69,13 +70,19 @@ def test_extract_pairs_then_steer_with_the_result(tmp_path, tiny_llama):
     pairs = write(tmp_path / "pairs.jsonl", GOOD)
     out = tmp_path / "mine.safetensors"
     result = subprocess.run([sys.executable, "-m", "vllm_emosteer.cli", "extract", "--pairs", pairs, "--model",
-                             tiny_llama, "--engine", "transformers", "--max-new-tokens", "4", "--out", out],
-                            capture_output=True, text=True, timeout=600)
+                             tiny_llama, "--max-new-tokens", "4", "--out", out],  # inside vLLM (the default)
+                            capture_output=True, text=True, timeout=600, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| formal |" in result.stdout and "| pirate |" in result.stdout and "consistency" in result.stdout
     bank = EmotionBank.load(out)
     assert bank.emotions == ["formal", "pirate"] and bank.units == "dose" and bank.recipe["recipe"] == "pairs"
-    assert set(bank.recipe["consistency"]) == {"formal", "pirate"}
+    assert set(bank.recipe["consistency"]) == {"formal", "pirate"} and bank.recipe["capture"] == "vLLM (capture mode)"
+
+    cannot = subprocess.run([sys.executable, "-m", "vllm_emosteer.cli", "extract", "--pairs", pairs, "--model",
+                             tiny_llama, "--tensor-parallel-size", "3", "--out", tmp_path / "no.safetensors"],
+                            capture_output=True, text=True, timeout=300)
+    assert cannot.returncode == 1 and "vLLM cannot capture" in cannot.stderr, cannot.stderr[-1500:]
+    assert not (tmp_path / "no.safetensors").exists()
 
     bad = subprocess.run([sys.executable, "-m", "vllm_emosteer.cli", "extract", "--pairs",
                           write(tmp_path / "bad.jsonl", [GOOD[0], {"concept": "x"}]), "--model", tiny_llama,

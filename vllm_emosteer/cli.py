@@ -63,11 +63,11 @@ def cmd_extract(args) -> int:
         from .vectors.vllm_capture import VllmExtractor
 
         try:
-            engine = VllmExtractor(model, args.hook, dtype=args.dtype, seed=args.seed, max_model_len=2048,
+            engine = VllmExtractor(model, args.hook, dtype=args.dtype, seed=args.seed,
                                    tensor_parallel_size=args.tensor_parallel_size,
                                    pipeline_parallel_size=args.pipeline_parallel_size)
         except Exception as exc:  # vLLM raises many types; the first line names the cause
-            return _die(f"vLLM cannot capture {model}: {str(exc).strip().splitlines()[0]}", 1)
+            return _die(f"vLLM cannot capture {model}: {' '.join(str(exc).split())[:400]}", 1)
     try:
         bank, _ = extract(
             hf_model, tokenizer, emotions=args.emotions, recipe=args.recipe, questions_per_emotion=questions,

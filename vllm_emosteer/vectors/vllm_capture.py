@@ -18,13 +18,15 @@ from ..engine.capture import CAPTURE_KEY
 class VllmExtractor:
     """`generate` and `capture` for `extract`, on one vLLM engine started in capture mode."""
 
-    def __init__(self, model: str, hook: str, dtype: str = "auto", seed: int = 0, max_model_len: int = 1024,
+    def __init__(self, model: str, hook: str, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
                  **engine_args):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB on the CPU backend (else most of the RAM)
         from transformers import AutoConfig
         from vllm import LLM
 
         self.config = AutoConfig.from_pretrained(model)
+        longest = getattr(self.config.get_text_config(), "max_position_embeddings", None) or 2048
+        max_model_len = max_model_len or min(2048, longest)  # questions and answers are short
         self.llm = LLM(model=model, dtype=dtype, seed=seed, enforce_eager=True, enable_prefix_caching=False,
                        max_model_len=max_model_len, additional_config={"emosteer": {"capture": hook}}, **engine_args)
         self.dtype = str(self.llm.llm_engine.vllm_config.model_config.dtype).replace("torch.", "")
