@@ -98,3 +98,13 @@ def test_extract_pairs_then_steer_with_the_result(tmp_path, tiny_llama):
         assert len(set(tokens)) == 3
     finally:
         shutdown(llm)
+
+
+def test_eval_prototypes_errors(tmp_path):
+    """`eval --prototypes` scoring is tested in test_quality.py (shared engine); here its bad input."""
+    for content, words in [({"pirate": ["Arr"]}, "--prototypes names ['pirate'], not in the vectors file"),
+                           ({"joy": []}, "non-empty lists"), (["joy"], "JSON object")]:
+        bad = subprocess.run([sys.executable, "-m", "vllm_emosteer.cli", "eval", "--prototypes",
+                              write(tmp_path / "bad.json", [json.dumps(content)])],
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and words in bad.stderr, bad.stderr[-500:]

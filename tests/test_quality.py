@@ -9,6 +9,10 @@ from vllm_emosteer import steer
 from vllm_emosteer.quality.evaluate import Variant, evaluate, neutral_prompts
 
 
+# the user-concept scorer (eval --prototypes), here with sadness as if it were a concept of the user's
+CONCEPTS = {"sadness": ["I feel so sad and alone.", "My heart is broken and I keep crying."]}
+
+
 @pytest.fixture(scope="module")
 def result(default_model_dir):
     from vllm import LLM
@@ -18,7 +22,7 @@ def result(default_model_dir):
     variants = [Variant("unsteered", None), Variant("sadness 1", steer(sadness=1.0), ("sadness",), 1.0),
                 Variant("fear 1", steer(fear=1.0), ("fear",), 1.0)]
     try:
-        yield evaluate(llm, variants, neutral_prompts()[:12], max_tokens=32, progress=False)
+        yield evaluate(llm, variants, neutral_prompts()[:12], max_tokens=32, progress=False, concepts=CONCEPTS)
     finally:
         shutdown(llm)
 
@@ -37,3 +41,10 @@ def test_metrics_are_sane(result):
     assert 0.5 < base["distinct2"] <= 1 and 0 < base["topic"] < 1
     assert 0 <= steered["hit_nade"] <= 1 and 0 <= steered["hit_minilm"] <= 1
     assert set(steered["each_shows"]) == {"sadness"}
+
+
+def test_your_own_concepts_are_scored_against_your_sentences(result):
+    steered, fear = result.row("sadness 1"), result.row("fear 1")
+    assert steered["concept_lift"] > 0.05 and steered["concept_moved"] >= 0.75
+    assert 0 < steered["concept_score"] < 1
+    assert "concept_lift" not in fear  # fear is not one of the given concepts

@@ -185,7 +185,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _run_variants(args, vectors: str | None, variants, prompts):
+def _run_variants(args, vectors: str | None, variants, prompts, prototypes=None):
     """Start an engine with the plugin on `vectors`, run the variants, stop the engine."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM
@@ -197,7 +197,7 @@ def _run_variants(args, vectors: str | None, variants, prompts):
     llm = LLM(model=args.model or str(model_path()), max_model_len=1024, enforce_eager=True, max_num_seqs=256,
               seed=0, additional_config={"emosteer": options})
     try:
-        return evaluate(llm, variants, prompts, args.max_tokens)
+        return evaluate(llm, variants, prompts, args.max_tokens, concepts=prototypes)
     finally:
         _shutdown(llm)
 
@@ -233,6 +233,8 @@ def cmd_eval(args) -> int:
     bank, source = _bank_arg(args.vectors)
     emotions = args.emotions or bank.emotions
     prompts = neutral_prompts()[: args.prompts]
+    if args.prototypes:
+        return _eval_concepts(args, bank, source, prompts)
     variants = [Variant("unsteered", None)] + prompt_variants(emotions)
     if bank.calibration:
         variants += calibrated_variants(emotions, args.intensity)
@@ -254,6 +256,31 @@ def cmd_eval(args) -> int:
         print(json.dumps(report))
     else:
         print(markdown(result))
+    return 0
+
+
+def _eval_concepts(args, bank, source, prompts) -> int:
+    """eval --prototypes: your own concepts, each at --intensity, scored against the sentences you gave."""
+    from .quality.evaluate import Variant, concept_markdown
+
+    try:
+        prototypes = json.loads(Path(args.prototypes).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return _die(f"--prototypes {args.prototypes}: {exc}")
+    if not isinstance(prototypes, dict) or not prototypes or not all(
+            isinstance(v, list) and v and all(isinstance(s, str) and s.strip() for s in v) for v in prototypes.values()):
+        return _die("--prototypes must hold a JSON object {concept: [example sentence, ...]} with non-empty lists")
+    unknown = sorted(set(prototypes) - set(bank.emotions))
+    if unknown:
+        return _die(f"--prototypes names {unknown}, not in the vectors file {bank.emotions}")
+    variants = [Variant("unsteered", None)] + [
+        Variant(f"{c} {args.intensity:g}", {"emosteer": {"emotions": {c: args.intensity}}}, (c,), args.intensity,
+                "calibrated") for c in prototypes]
+    result = _run_variants(args, str(source), variants, prompts, prototypes)
+    if args.json:
+        print(json.dumps({"vectors": str(source), "prompts": len(prompts), "rows": result.rows}))
+    else:
+        print(concept_markdown(result))
     return 0
 
 
@@ -372,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=64, help="how many of the 64 neutral prompts")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--extras", action="store_true", help="also two-emotion mixes and positions=all")
+    p.add_argument("--prototypes", help="your own concepts: a JSON file {concept: [example sentence, ...]}; each "
+                                        "concept is steered at --intensity and scored against its sentences")
     p.add_argument("--out", help="folder for eval.md, eval.json and eval.png")
     p.add_argument("--json", action="store_true", help="print the table as one JSON object")
     p.set_defaults(func=cmd_eval)

@@ -119,7 +119,10 @@ def perplexities(llm, prompt_ids: list[list[int]], answer_ids: list[list[int]]) 
     return result
 
 
-def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int = 48, progress=True) -> EvalResult:
+def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int = 48, progress=True,
+             concepts: dict[str, list[str]] | None = None) -> EvalResult:
+    """Every variant's answers to the prompts, scored. `concepts`: your own concepts' example sentences; each
+    concept row then says how far steering moved the answers toward them (MiniLM), beside the generic metrics."""
     from vllm import SamplingParams
 
     conversations, params, index = [], [], []
@@ -141,6 +144,7 @@ def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int =
     answer_vecs = embed(texts)
     prompt_vecs = embed(prompts)
     base = {p: i for i, (v, p) in enumerate(index) if variants[v].label == "unsteered"}
+    concept_scores = concept_matrix(answer_vecs, concepts) if concepts else {}
     result = EvalResult()
     for v, variant in enumerate(variants):
         items = [i for i, (vv, _) in enumerate(index) if vv == v]
@@ -166,12 +170,33 @@ def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int =
                                  for e in variant.target}
         if base:
             row["sim"] = float(np.mean([answer_vecs[i] @ answer_vecs[base[index[i][1]]] for i in items]))
+        targets = [c for c in variant.target if c in concept_scores]
+        if targets and base:
+            score = lambda i: np.mean([concept_scores[c][i] for c in targets])  # noqa: E731
+            lift = [score(i) - score(base[index[i][1]]) for i in items]
+            row["concept_score"] = float(np.mean([score(i) for i in items]))
+            row["concept_lift"], row["concept_moved"] = float(np.mean(lift)), float(np.mean([d > 0 for d in lift]))
         row["topic"] = float(np.mean([answer_vecs[i] @ prompt_vecs[index[i][1]] for i in items]))
         row["ppl"] = float(np.nanmedian([ppl[i] for i in items]))
         row["distinct2"] = float(np.mean([distinct2(texts[i]) for i in items]))
         row["examples"] = [texts[i] for i in items[:2]]
         result.rows.append(row)
     return result
+
+
+def concept_matrix(answer_vecs: np.ndarray, prototypes: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Per concept, each answer's mean cosine to the concept's prototype sentences (the MiniLM scorer's rule)."""
+    return {c: answer_vecs @ embed(list(sentences)).mean(0) for c, sentences in prototypes.items()}
+
+
+def concept_markdown(result: EvalResult) -> str:
+    lines = ["| variant | moved toward the concept | score lift | concept score | sim. to unsteered | on topic | "
+             "perplexity | distinct-2 |", "|---|---|---|---|---|---|---|---|"]
+    for r in result.rows:
+        cells = [f"{r[k]:.3f}" if k in r else "-" for k in ("concept_moved", "concept_lift", "concept_score", "sim")]
+        lines.append(f"| {r['label']} | {' | '.join(cells)} | {r['topic']:.3f} | {r['ppl']:.1f} | "
+                     f"{r['distinct2']:.3f} |")
+    return "\n".join(lines)
 
 
 def coherent(row, base_ppl: float, min_distinct2: float = THRESHOLDS["distinct2"]) -> bool:
