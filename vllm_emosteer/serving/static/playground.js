@@ -28,14 +28,22 @@ async function start() {
   for (const mode of info.positions || ["response", "all"]) $("positions").add(new Option(mode, mode));
   const last = info.num_model_layers - 1;
   for (const id of ["layer-first", "layer-last"]) Object.assign($(id), {min: 0, max: last});
-  $("server-info").textContent = `${model} · ${info.emotions.length} emotions · hook ${info.hook} · ` +
+  const sets = (info.sets || []).length > 1 ? ` in ${info.sets.length} vector sets` : "";
+  $("server-info").textContent = `${model} · ${steerableRows().length} emotions${sets} · hook ${info.hook} · ` +
     `model layers 0-${last} · max intensity ${info.max_intensity}`;
   document.body.dataset.ready = "true";
 }
 
+// One slider per row of every vector set: the default set's rows by name, other sets' as "set/name".
+function steerableRows() {
+  const sets = info.sets || [{name: "", emotions: info.emotions, default: true, calibrated: info.calibrated,
+    bands: info.bands, units: info.units}];
+  return sets.flatMap((set) => set.emotions.map((row) => ({name: set.default ? row : `${set.name}/${row}`, row, set})));
+}
+
 function buildSliders() {
   const limit = info.max_intensity;
-  info.emotions.forEach((emotion, i) => {
+  steerableRows().forEach(({name: emotion, row: plain, set}, i) => {
     const row = document.createElement("div");
     row.className = "slider";
     row.dataset.emotion = emotion;
@@ -46,7 +54,7 @@ function buildSliders() {
       {type: "range", id: `slider-${i}`, min: -limit, max: limit, step: 0.1, value: 0});
     input.dataset.emotion = emotion;
     input.dataset.control = `emotion:${emotion}`;
-    input.title = calibrationNote(emotion) + " Double-click: back to 0.";
+    input.title = calibrationNote(set, plain) + " Double-click: back to 0.";
     const output = document.createElement("output");
     output.htmlFor = input.id;
     const error = document.createElement("p");
@@ -64,11 +72,11 @@ function buildSliders() {
   });
 }
 
-function calibrationNote(emotion) {
-  const dose = (info.calibrated || {})[emotion];
-  const band = (info.bands || {})[emotion];
+function calibrationNote(set, emotion) {
+  const dose = (set.calibrated || {})[emotion];
+  const band = (set.bands || {})[emotion];
   if (dose === undefined) return "";
-  return `1.0 = ${info.units || "alpha"} ${dose}` + (band ? ` on layers ${band[0]}-${band[1]}.` : ".");
+  return `1.0 = ${set.units || "alpha"} ${dose}` + (band ? ` on layers ${band[0]}-${band[1]}.` : ".");
 }
 
 function mix() {
