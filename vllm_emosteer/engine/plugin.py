@@ -80,14 +80,8 @@ def _patch_engine_args():
 
 
 def _check_engine_features(config, options) -> None:
-    from .hooks import check_architecture
     from .options import EmosteerConfigError
 
-    architectures = config.model_config.architectures or [None]
-    try:
-        check_architecture(architectures[0])
-    except ValueError as exc:
-        raise EmosteerConfigError(str(exc)) from None
     parallel = config.parallel_config
     problems = []
     if getattr(parallel, "enable_dbo", False):
@@ -205,7 +199,8 @@ def install_steering(runner) -> None:
     runtime.host_plan = runner.device.type == "cpu" or not _uses_cuda_graphs(runner.vllm_config)
     runtime.register_buffers(runner.get_model())
     rows = {options.bank.layers[row]: row for row in options.steered_rows()}
-    runtime.handles = install_hooks(runner.get_model(), runtime, options.bank.hook, rows)
+    runtime.handles = install_hooks(runner.get_model(), runtime, options.bank.hook, rows,
+                                    runner.vllm_config.model_config.dtype)
     if not runtime.handles and runner.vllm_config.parallel_config.pipeline_parallel_size == 1:
         raise RuntimeError("emosteer: no layer could be hooked; refusing to run unsteered")
     runner._emosteer = runtime
