@@ -4,11 +4,14 @@
 * exact offsets at both hook points: a steered request equals an unsteered one plus the test's own hook adding
   sum_e alpha_e EV[l, e] at the module this test names for the architecture (not the plugin's lookup);
 * alpha 0 is bit-identical to the same engine with the plugin's hooks removed;
-* a mixed batch equals one request at a time;
+* other requests' specs never change a request's tokens or logprobs;
+* a mixed batch equals one request at a time (not for DeepSeek in bfloat16: vLLM itself differs there);
 * the plugin hooks only the attention modules (attn_out) or the layers (residual): MoE experts are untouched.
 """
 
 import functools
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -79,6 +82,13 @@ ARCHITECTURES = {
     "DeepseekV3ForCausalLM": "self_attn",  # MLA; layer 0 dense, layer 1 MoE
 }
 DTYPES = {"DeepseekV3ForCausalLM": "bfloat16"}  # vLLM's CPU MLA kernel runs bfloat16 only
+# Engine starts dominate (~30 s each on 2 cores). By default CI runs the architectures whose structure differs;
+# Mistral and Phi-3 run vLLM's Llama code, Mixtral is a MoE like Qwen3-MoE. EMOSTEER_ALL_ARCHITECTURES=1: all.
+ALL = os.environ.get("EMOSTEER_ALL_ARCHITECTURES") == "1"
+CI_ARCHITECTURES = {"Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM",
+                    "Olmo2ForCausalLM", "GptOssForCausalLM", "DeepseekV3ForCausalLM"}
+ENGINE_PARAMS = [pytest.param(arch, marks=pytest.mark.skipif(
+    not ALL and arch not in CI_ARCHITECTURES, reason="set EMOSTEER_ALL_ARCHITECTURES=1")) for arch in ARCHITECTURES]
 
 
 def prompt(length, seed):
@@ -96,7 +106,7 @@ def tiny_models(tmp_path_factory, default_model_dir):
             for arch in ARCHITECTURES}
 
 
-@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+@pytest.fixture(scope="module", params=ENGINE_PARAMS)
 def engine(request, tiny_models, tmp_path_factory):
     arch = request.param
     model = tiny_models[arch]
@@ -150,8 +160,19 @@ def test_alpha_zero_is_bit_identical_to_no_hooks(engine):
     assert zero == unhooked
 
 
+def test_other_requests_specs_never_matter(engine):
+    arch, llm, _ = engine
+    prompts = [prompt(20, 31), prompt(27, 32), prompt(34, 33)]
+    first = generate(llm, prompts, [steer(joy=1.5), None, steer(fear=0.8, positions="all")])
+    second = generate(llm, prompts, [steer(joy=1.5), steer(anger=2.0, sadness=-1.0), None])
+    assert first[0] == second[0]
+    assert first[1] != second[1] and first[2] != second[2]
+
+
 def test_mixed_batch_equals_one_request_at_a_time(engine):
     arch, llm, _ = engine
+    if DTYPES.get(arch) == "bfloat16":
+        pytest.skip("in bfloat16, vLLM's CPU MLA gives other tokens in a batch than alone, even without the plugin")
     specs = [steer(joy=1.0), None, steer(anger=0.5, disgust=0.5), steer(sadness=2.0, layers=(1, 1)),
              steer(fear=-1.0, positions="all")]
     prompts = [prompt(10 + 7 * i, 20 + i) for i in range(len(specs))]
@@ -208,8 +229,8 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize("case, words", [
-    ("no-attention", "emosteer cannot steer LlamaForCausalLM at attn_out: decoder layer 0 (LlamaDecoderLayer) has "
-                     "no attention module (self_attn, attn, attention)"),
+    ("no-attention", re.escape("emosteer cannot steer LlamaForCausalLM at attn_out: decoder layer 0 "
+                               "(LlamaDecoderLayer) has no attention module (self_attn, attn, attention)")),
     ("wrong-shape", "emosteer cannot steer LlamaForCausalLM at attn_out: the attention output is "
                     r"\[\d+, 1, 128\], not \[tokens, 128\]"),
 ])
@@ -220,8 +241,6 @@ def test_a_model_that_does_not_fit_is_refused_at_start(tiny_llama, tiny_bank_pat
                          capture_output=True, text=True, timeout=300)
     refused = [line for line in run.stdout.splitlines() if line.startswith("REFUSED")]
     assert refused, run.stdout[-2000:] + run.stderr[-3000:]
-    import re
-
     assert re.fullmatch(f"REFUSED UnsupportedModelError {words}", refused[0]), refused[0]
 
 

@@ -11,8 +11,8 @@ Hook points (the bank's `hook`):
 
 Support is decided by structure, not by name: decoder layers at `model.model.layers` (vLLM's convention, and
 its Transformers backend's), each with an attention module for attn_out, and hooked tensors of shape [T, H]
-(the Transformers backend's [1, T, H] is steered as [T, H]). What does not fit is refused at load with one
-line naming the model class and what is missing.
+(the Transformers backend's [1, T, H] is steered as [T, H]). What does not fit is refused at start-up (structure
+at load, shapes at the first forward) with one line naming the model class and what is missing.
 
 Hooks are registered after the weights load and before the first forward (profiling, compilation, graph
 capture), so torch.compile traces them into the graph.
@@ -122,7 +122,7 @@ def _steer(x, runtime, row: int):
 def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dict[int, int],
                   dtype: torch.dtype) -> list:
     """Hook every local layer that has a bank row; returns the hook handles. Structure is checked here (at load)
-    and the hooked tensor's shape at every call (the first is vLLM's start-up dummy run)."""
+    and the hooked tensor's shape at every call; the plugin makes sure one forward runs at start-up."""
     targets = hook_targets(model, hook, rows_by_layer, dtype)
     layers = local_decoder_layers(model)
     hidden_size = runtime.bank.shape[-1]
@@ -133,6 +133,7 @@ def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dic
 
         def steer_output(_module, _args, output, row=rows_by_layer[layer_index], with_residual=with_residual):
             _steer(steered_tensor(output, hook, with_residual, hidden_size, model_name), runtime, row)
+            runtime.hooks_ran = True
             return output
 
         handles.append(module.register_forward_hook(steer_output))

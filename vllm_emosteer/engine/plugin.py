@@ -12,6 +12,8 @@ It installs version-guarded wrappers on vLLM 0.32/0.33 classes. Each wrapper doe
   prefix cache of steered requests with the spec's fingerprint.
 * V1 model runner (workers): load_model installs buffers and hooks; execute_model releases finished and
   preempted requests; _preprocess (real batches only) fills the per-token rows and copies them to the device.
+* Worker.compile_or_warm_up_model (workers): one dummy forward where start-up ran none (CPU, eager), so that the
+  hooks' shape check refuses a model at start.
   _preprocess runs inside `synchronize_input_prep`, the window in which vLLM may rewrite its reused pinned host
   buffers: with async scheduling, the next step waits there for this step's pending copies.
 """
@@ -270,6 +272,32 @@ def _patch_v1_runner():
           make_prepare)
 
 
+def _patch_workers():
+    """After start-up's warm-up: where vLLM ran no forward (CPU, eager), run one dummy forward, so that hooked
+    tensors that are not [T, H] refuse the model now rather than at its first request."""
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.gpu_worker import Worker
+
+    def make(original):
+        def compile_or_warm_up_model(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            runtime = getattr(self.model_runner, "_emosteer", None)
+            if runtime is not None and runtime.handles and not runtime.hooks_ran:
+                self.model_runner._dummy_run(2)  # 2 tokens: a [T, 1, H] output must not pass as [1, T, H]
+            return result
+
+        return compile_or_warm_up_model
+
+    workers = [Worker]
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        workers.append(CPUWorker)
+    for cls in workers:
+        if "compile_or_warm_up_model" in cls.__dict__:
+            _wrap(cls, "compile_or_warm_up_model", make)
+
+
 def _patch_v2_runner():
     """Model Runner V2 is not supported yet: refuse to start rather than run unsteered."""
     try:
@@ -302,5 +330,6 @@ def install() -> None:
     _patch_input_processor()
     _patch_openai_requests()
     _patch_v1_runner()
+    _patch_workers()
     _patch_v2_runner()
     _installed = True

@@ -66,6 +66,7 @@ class SteeringRuntime:
         # CUDA graphs). Compiled graphs and captured CUDA graphs always call the op and never read it.
         self.host_plan = False
         self.plan: StepPlan | None = None
+        self.hooks_ran = False  # a hooked forward has run (and checked the hooked tensors' shapes)
         # CPU host plan: each slot's offsets at every bank row, [slots, L, H] fp32, computed once when a request
         # gets the slot, so that a steered layer costs one small add (no per-step or per-layer matmul)
         self.slot_offsets: torch.Tensor | None = None
