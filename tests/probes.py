@@ -35,6 +35,7 @@ def remove_capture(model):
         handle.remove()
     HANDLES.clear()
     CAPTURED.clear()
+    DELTAS.clear()
     return True
 
 
@@ -89,3 +90,31 @@ def remove_reference_offsets(model):
         handle.remove()
     REFERENCE.clear()
     return True
+
+
+DELTAS = []
+
+
+def capture_deltas(model, module_names, index):
+    """Record, for every call of the named modules, their output tensor (of a tuple, its `index`th) before and
+    after the other forward hooks (the plugin's). Taken with take_deltas, removed with remove_capture."""
+    modules = dict(model.named_modules())
+    for name in module_names:
+        def before(module, _args, output):
+            module._probe_before = (output[index] if isinstance(output, tuple) else output).detach().clone()
+
+        def after(module, _args, output, name=name):
+            x = output[index] if isinstance(output, tuple) else output
+            DELTAS.append((name, module._probe_before, x.detach().clone()))
+
+        HANDLES.append(modules[name].register_forward_hook(before, prepend=True))
+        HANDLES.append(modules[name].register_forward_hook(after))
+    return len(HANDLES)
+
+
+def take_deltas(model):
+    import pickle
+
+    out = pickle.dumps(list(DELTAS))
+    DELTAS.clear()
+    return out
