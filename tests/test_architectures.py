@@ -6,7 +6,7 @@
 * alpha 0 is bit-identical to the same engine with the plugin's hooks removed;
 * other requests' specs never change a request's tokens or logprobs;
 * a mixed batch equals one request at a time.
-DeepSeek-V3 runs in bfloat16 (vLLM's CPU MLA), where vLLM is not deterministic from run to run: there the offsets
+DeepSeek-V2/V3 run in bfloat16 (vLLM's CPU MLA), where vLLM is not deterministic from run to run: there the offsets
 and alpha 0 are checked on each hooked tensor before and after the plugin's hook, and the last two are skipped.
 * the plugin hooks only the attention modules (attn_out) or the layers (residual): MoE experts are untouched.
 """
@@ -63,11 +63,13 @@ def tiny_config(arch, **changes):
         return hf.Olmo2Config(**no_head_dim)
     if arch == "GptOssForCausalLM":
         return hf.GptOssConfig(**common, num_local_experts=4, sliding_window=64, **MOE)
-    if arch == "DeepseekV3ForCausalLM":  # MLA: vLLM's CPU kernel takes kv_lora_rank + qk_rope_head_dim = 576 only
-        return hf.DeepseekV3Config(**dict(no_head_dim, num_key_value_heads=2), q_lora_rank=None, kv_lora_rank=512,
-                                   qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, n_routed_experts=4,
-                                   n_shared_experts=1, moe_intermediate_size=64, first_k_dense_replace=1,
-                                   n_group=1, topk_group=1, topk_method="noaux_tc", **MOE)
+    if arch in ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"):
+        # MLA: vLLM's CPU kernel takes kv_lora_rank + qk_rope_head_dim = 576 only
+        v3 = arch == "DeepseekV3ForCausalLM"
+        return (hf.DeepseekV3Config if v3 else hf.DeepseekV2Config)(
+            **dict(no_head_dim, num_key_value_heads=2), q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=64,
+            qk_rope_head_dim=64, v_head_dim=64, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64,
+            first_k_dense_replace=1, n_group=1, topk_group=1, topk_method="noaux_tc" if v3 else "greedy", **MOE)
     raise ValueError(arch)
 
 
@@ -82,12 +84,14 @@ ARCHITECTURES = {
     "GraniteForCausalLM": "self_attn",
     "Olmo2ForCausalLM": "self_attn",  # vLLM's Transformers backend: the HF layers, [1, T, H] tensors
     "GptOssForCausalLM": "attn",
-    "DeepseekV3ForCausalLM": "self_attn",  # MLA; layer 0 dense, layer 1 MoE
+    "DeepseekV2ForCausalLM": "self_attn",  # MLA; layer 0 dense, layer 1 MoE
+    "DeepseekV3ForCausalLM": "self_attn",
 }
-DTYPES = {"DeepseekV3ForCausalLM": "bfloat16"}  # vLLM's CPU MLA kernel runs bfloat16 only
+# vLLM's CPU MLA kernel runs bfloat16 only
+DTYPES = {"DeepseekV2ForCausalLM": "bfloat16", "DeepseekV3ForCausalLM": "bfloat16"}
 # Engine starts dominate (~30 s each on 2 cores). By default CI runs the architectures whose structure differs;
 # Mistral and Phi-3 run vLLM's Llama code, Qwen3 has Qwen3-MoE's layers with a dense MLP, Mixtral is a MoE like
-# Qwen3-MoE. EMOSTEER_ALL_ARCHITECTURES=1 runs all.
+# Qwen3-MoE, DeepSeek-V2 runs V3's code. EMOSTEER_ALL_ARCHITECTURES=1 runs all.
 ALL = os.environ.get("EMOSTEER_ALL_ARCHITECTURES") == "1"
 CI_ARCHITECTURES = {"Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM",
                     "GptOssForCausalLM", "DeepseekV3ForCausalLM"}
