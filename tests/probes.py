@@ -67,7 +67,7 @@ def attach_steering(model, hook):
 
     detach_steering(model)
     runtime = model.emosteer_runtime
-    rows = {runtime.options.bank.layers[row]: row for row in runtime.options.steered_rows()}
+    rows = {runtime.options.sets.layers[row]: row for row in runtime.options.steered_rows()}
     runtime.handles = install_hooks(model, runtime, hook, rows, next(model.parameters()).dtype)
     return len(runtime.handles)
 

@@ -196,11 +196,13 @@ def runtime():
     from vllm_emosteer.vectors.bank import EmotionBank
     from vllm_emosteer.engine.options import EmosteerOptions
     from vllm_emosteer.engine.runtime import SteeringRuntime
+    from vllm_emosteer.engine.sets import VectorSets
 
     g = torch.Generator().manual_seed(3)
     bank = EmotionBank(torch.randn(TINY_LAYERS, len(EMOTIONS), TINY_HIDDEN, generator=g), EMOTIONS, "attn_out",
                        list(range(TINY_LAYERS)))
-    options = EmosteerOptions(bank, Path("unused"), 8.0, len(EMOTIONS), None, "fused", TINY_LAYERS)
+    sets = VectorSets({"emotions": (bank, "unused")}, 1, TINY_LAYERS, None, 8.0, len(EMOTIONS), 1.0)
+    options = EmosteerOptions(sets, 8.0, len(EMOTIONS), None, "fused", TINY_LAYERS)
     rt = SteeringRuntime(options, max_tokens=64, max_slots=6, device=torch.device("cpu"))
     rt.host_plan = True
     return rt

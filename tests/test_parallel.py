@@ -6,7 +6,8 @@ import os
 import pytest
 from engine_helpers import params, prompt, shutdown, tiny_llm
 
-from vllm_emosteer import steer
+from vllm_emosteer import load_set, steer
+from vllm_emosteer.engine.updates import ALLOW_ENV
 
 SPECS = [None, steer(joy=1.0), steer(anger=0.5, fear=0.5, positions="all"), steer(sadness=1.5, layers=(2, 3))]
 PROMPTS = [prompt(18 + 5 * i, 300 + i) for i in range(len(SPECS))]
@@ -25,16 +26,31 @@ def single(tiny_llama, tiny_bank_path):
     return outputs
 
 
+def generate_with_a_runtime_set(llm, bank_path, monkeypatch):
+    """Load the same vectors again as another set (an RPC to every rank) and steer with it."""
+    monkeypatch.setenv(ALLOW_ENV, "1")
+    load_set(llm, "again", bank_path.name)
+    specs = [s if s is None else {"emosteer": dict(s["emosteer"], set="again")} for s in SPECS]
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, [params(s, logprobs=None) for s in specs])]
+
+
+def with_room(bank_path):
+    return {"max_sets": 2, "sets_dir": str(bank_path.parent)}
+
+
 @pytest.fixture
 def two_cpu_workers(monkeypatch):
     # vLLM's CPU workers bind OpenMP threads to NUMA nodes; with one node, bind one core each by hand
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    return monkeypatch
 
 
 def test_tensor_parallel_2_equals_single_process(tiny_llama, tiny_bank_path, single, two_cpu_workers):
-    llm = tiny_llm(tiny_llama, tiny_bank_path, tensor_parallel_size=2, distributed_executor_backend="mp")
+    llm = tiny_llm(tiny_llama, tiny_bank_path, options=with_room(tiny_bank_path), tensor_parallel_size=2,
+                   distributed_executor_backend="mp")
     try:
         assert generate(llm) == single
+        assert generate_with_a_runtime_set(llm, tiny_bank_path, two_cpu_workers) == single
     finally:
         shutdown(llm)
 
@@ -42,10 +58,12 @@ def test_tensor_parallel_2_equals_single_process(tiny_llama, tiny_bank_path, sin
 def test_pipeline_parallel_2_equals_single_process(tiny_llama, tiny_bank_path, single, two_cpu_workers):
     # each rank hooks only its own layers; eager PP fails in vLLM 0.32's CPU runner without the plugin too
     # (intermediate tensors are allocated by the compile warm-up), so this runs compiled
-    llm = tiny_llm(tiny_llama, tiny_bank_path, pipeline_parallel_size=2, distributed_executor_backend="mp",
-                   enforce_eager=False)
+    llm = tiny_llm(tiny_llama, tiny_bank_path, options=with_room(tiny_bank_path), pipeline_parallel_size=2,
+                   distributed_executor_backend="mp", enforce_eager=False)
     try:
         assert generate(llm) == single
+        # compiled graphs read the bank in place: a set loaded after compilation steers them too
+        assert generate_with_a_runtime_set(llm, tiny_bank_path, two_cpu_workers) == single
     finally:
         shutdown(llm)
 

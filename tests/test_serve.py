@@ -30,6 +30,12 @@ def test_discovery_endpoint(server):
     assert info["num_model_layers"] == 30 and info["max_intensity"] == 8.0 and info["hook"] == "attn_out"
 
 
+def test_runtime_set_changes_are_off_unless_the_operator_turns_them_on(server):
+    response = requests.post(server.url + "/v1/emosteer/sets", json={"name": "x", "file": "x.safetensors"}, timeout=30)
+    assert response.status_code == 403 and "VLLM_EMOSTEER_ALLOW_RUNTIME_UPDATES=1" in response.json()["error"]["message"]
+    assert requests.delete(server.url + "/v1/emosteer/sets/emotions", timeout=30).status_code == 403
+
+
 def test_steered_chat_completion_and_stream_agree(server):
     client = server.client()
     plain = chat(client).choices[0].message.content

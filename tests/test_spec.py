@@ -3,10 +3,10 @@ import math
 import pytest
 
 from vllm_emosteer import SteeringError, steer
-from vllm_emosteer.engine.spec import SteeringLimits, has_steering_args, parse_steering
+from vllm_emosteer.engine.spec import SetLimits, SteeringLimits, has_steering_args, parse_steering
 
-LIMITS = SteeringLimits(("joy", "anger", "disgust", "fear", "sadness"), num_layers=30, max_intensity=8.0,
-                        max_emotions=3)
+LIMITS = SteeringLimits({"emotions": SetLimits(("joy", "anger", "disgust", "fear", "sadness"))}, num_layers=30,
+                        max_intensity=8.0, max_emotions=3)
 
 
 def test_nested_and_flat_forms_give_the_same_spec():

@@ -1,7 +1,7 @@
 """vllm-emosteer: per-request emotion steering for vLLM (Emotion Vectors, Dong et al., arXiv 2502.04075)."""
 
 __version__ = "0.1.0"
-__all__ = ["SteeringError", "register", "steer"]
+__all__ = ["SetUpdateError", "SteeringError", "load_set", "register", "steer", "unload_set"]
 
 
 def register() -> None:
@@ -17,4 +17,8 @@ def __getattr__(name):
         from .engine import spec
 
         return getattr(spec, name)
+    if name in ("load_set", "unload_set", "SetUpdateError"):
+        from .engine import updates
+
+        return getattr(updates, name)
     raise AttributeError(name)

@@ -26,14 +26,17 @@ def cmd_extract(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .default_model import DEFAULT_MODEL_NAME, model_path
-    from .vectors.extract import EMOTIONS, TEMPLATES, extract, vllm_generator
+    from .vectors.extract import EMOTIONS, TEMPLATES, extract
+    from .vectors.pairs import PairsError, load_pairs
 
     unknown = [e for e in args.emotions if e not in EMOTIONS]
-    if unknown:
-        return _die(f"unknown emotion(s) {unknown}; known: {list(EMOTIONS)}")
+    if unknown and not args.pairs:
+        return _die(f"unknown emotion(s) {unknown}; known: {list(EMOTIONS)} (your own concepts: --pairs FILE)")
+    try:
+        pairs = load_pairs(args.pairs) if args.pairs else None
+    except PairsError as exc:
+        return _die(str(exc))
     model = args.model or str(model_path())
-    if not Path(model).is_dir():
-        return _die(f"model folder not found: {model} (no model hub here: give a local folder)")
     templates = dict(TEMPLATES)
     if args.neutral_template:
         templates["neutral"] = args.neutral_template
@@ -48,18 +51,37 @@ def cmd_extract(args) -> int:
             templates["contrast"] = (("user", args.emotion_template),)
     questions = args.questions_per_emotion or (100 if args.recipe == "contrast" else 50)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.dtype)).eval()
+    hf_model = engine = None
+    try:  # a local folder or a model id, as transformers and vLLM take them
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        if args.engine == "transformers":
+            hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.dtype)).eval()
+            hf_model.to(args.device)
+    except (OSError, ValueError, RuntimeError) as exc:
+        return _die(f"cannot load model {model}: {str(exc).splitlines()[0]}", 1)
+    if args.engine == "vllm":
+        from .vectors.vllm_capture import VllmExtractor
+
+        try:
+            engine = VllmExtractor(model, args.hook, dtype=args.dtype, seed=args.seed,
+                                   tensor_parallel_size=args.tensor_parallel_size,
+                                   pipeline_parallel_size=args.pipeline_parallel_size)
+        except Exception as exc:  # vLLM raises many types; the first line names the cause
+            return _die(f"vLLM cannot capture {model}: {' '.join(str(exc).split())[:400]}", 1)
     try:
         bank, _ = extract(
             hf_model, tokenizer, emotions=args.emotions, recipe=args.recipe, questions_per_emotion=questions,
             hook=args.hook, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
             templates=templates, filter_pairs=not args.no_filter,
             model_name=DEFAULT_MODEL_NAME if args.model is None else Path(model).name,
-            generate=vllm_generator(model, seed=args.seed) if args.engine == "vllm" else None,
+            engine=engine, pairs=pairs, pairs_source=Path(args.pairs).name if args.pairs else None,
         )
     except ValueError as exc:
         return _die(str(exc), 1)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+    _print_consistency(bank.recipe["consistency"])
     contrast = bank.recipe.get("contrast")
     if contrast:
         print("contrast (share of answers whose top emotion is the target; kept answers):")
@@ -76,6 +98,15 @@ def cmd_extract(args) -> int:
     print(f"wrote {bank.save(args.out)}: {list(bank.vectors.shape)} (layers, emotions, hidden), hook {bank.hook}, "
           f"units {bank.units}; calibrate it next: vllm-emosteer calibrate --vectors {args.out}")
     return 0
+
+
+def _print_consistency(table: dict) -> None:
+    bands = list(next(iter(table.values())))
+    print("consistency (mean pairwise cosine of the per-pair differences; near 0: no common direction, a weak "
+          "concept):")
+    print("| concept | " + " | ".join(f"layers {b}" for b in bands) + " |\n|---|" + "---|" * len(bands))
+    for concept, row in table.items():
+        print(f"| {concept} | " + " | ".join("n/a" if v is None else f"{v:.2f}" for v in row.values()) + " |")
 
 
 def _bank_arg(path: str | None):
@@ -261,16 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("model-path", help="print the default model's folder (converting it once)").set_defaults(
         func=cmd_model_path)
 
-    p = sub.add_parser("extract", help="extract emotion vectors (answers from vLLM, activations from transformers)")
-    p.add_argument("--model", help="local HF model folder (default: the bundled SmolLM2-135M-Instruct)")
+    p = sub.add_parser("extract", help="extract emotion (or your own concepts') vectors, inside vLLM by default")
+    p.add_argument("--model", help="local HF model folder or model id (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="vectors file to write (.safetensors)")
+    p.add_argument("--pairs", help="your own concepts: a JSON Lines file of contrast pairs (see the README); "
+                                   "replaces --recipe and --emotions")
+    p.add_argument("--device", default="cpu", help="--engine transformers: where it runs (cpu, cuda, cuda:1, ...)")
     p.add_argument("--recipe", choices=["contrast", "paper"], default="contrast",
                    help="contrast (default): plain vs emotion-instructed answers to neutral questions, captured "
                         "after the plain question, filtered by two scorers, units 'dose'; paper: Dong et al.'s")
     p.add_argument("--questions-per-emotion", type=int,
                    help="questions per emotion (default: all 100 for contrast, 50 for paper)")
     p.add_argument("--engine", choices=["vllm", "transformers"], default="vllm",
-                   help="what generates the answers (the capture always runs in transformers)")
+                   help="vllm (default): answers and capture inside vLLM (capture mode; the model is never loaded "
+                        "in transformers); transformers: both in transformers, on --device (the reference)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: as vLLM's")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1, help="--engine vllm: as vLLM's")
     p.add_argument("--no-filter", action="store_true",
                    help="contrast recipe: keep every pair (no NADE / MiniLM check of the answers)")
     p.add_argument("--hook", choices=["attn_out", "residual"], default="attn_out")

@@ -132,7 +132,10 @@ def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dic
         with_residual = hook == "residual" and returns_residual(layers[layer_index])
 
         def steer_output(_module, _args, output, row=rows_by_layer[layer_index], with_residual=with_residual):
-            _steer(steered_tensor(output, hook, with_residual, hidden_size, model_name), runtime, row)
+            x = steered_tensor(output, hook, with_residual, hidden_size, model_name)
+            if runtime.capture is not None:  # capture mode: the activation as the model made it (the whole stream)
+                runtime.capture.add(output[0] + x if with_residual else x, row)
+            _steer(x, runtime, row)
             runtime.hooks_ran = True
             return output
 

@@ -9,7 +9,9 @@ It installs version-guarded wrappers on vLLM 0.32/0.33 classes. Each wrapper doe
   (notice logged).
 * InputProcessor.process_inputs (front-end, `LLM` and `vllm serve` alike): validates each request's steering
   before anything is scheduled (SteeringError: ValueError for `LLM`, HTTP 400 for the server) and salts the
-  prefix cache of steered requests with the spec's fingerprint.
+  prefix cache of steered requests with the spec's fingerprint and the digests of the vector sets it uses.
+* OutputProcessor.add_request (front-end): which unfinished requests use which vector set (updates.py).
+* WorkerBase.emosteer_update_set: the worker side of loading and unloading vector sets at run time.
 * V1 model runner (workers): load_model installs buffers and hooks; execute_model releases finished and
   preempted requests; _preprocess (real batches only) fills the per-token rows and copies them to the device.
 * Worker.compile_or_warm_up_model (workers): one dummy forward where start-up ran none (CPU, eager), so that the
@@ -30,6 +32,7 @@ import numpy as np
 
 logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
 _installed = False
+TAKE_CAPTURES = "emosteer_take_captures"
 _front_end = None  # weakref to the last InputProcessor created in this process (the API server has one)
 
 
@@ -95,6 +98,12 @@ def _check_engine_features(config, options) -> None:
     if options.mode == "naive" and (config.compilation_config.mode != 0 or _uses_cuda_graphs(config)):
         problems.append("mode 'naive' (a Python loop per request) needs enforce_eager=True (no compilation, "
                         "no CUDA graphs: a graph would freeze one step's loop)")
+    if options.capture is not None:
+        if config.compilation_config.mode != 0 or _uses_cuda_graphs(config):
+            problems.append("capture mode needs enforce_eager=True (it selects tokens on the host every step)")
+        if config.cache_config.enable_prefix_caching:
+            problems.append("capture mode needs enable_prefix_caching=False (a cached token is never computed, "
+                            "so it could not be captured)")
     if problems:
         raise EmosteerConfigError("emosteer cannot steer this engine: " + "; ".join(problems))
 
@@ -104,7 +113,7 @@ def _uses_cuda_graphs(config) -> bool:
     return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
 
 
-def _frontend_options(processor):
+def frontend_options(processor):
     options = getattr(processor, "_emosteer_options", None)
     if options is None:
         from .options import options_from_vllm_config
@@ -120,19 +129,36 @@ def _validate(processor, params):
     from .spec import SteeringError, has_steering_args, parse_steering
 
     if is_enabled(processor.vllm_config):
-        return parse_steering(params.extra_args, _frontend_options(processor).limits)
+        _validate_capture(frontend_options(processor), params.extra_args)
+        return parse_steering(params.extra_args, frontend_options(processor).limits)
     if has_steering_args(params.extra_args):
         raise SteeringError("this engine was started without steering; start it with "
                             "additional_config {\"emosteer\": {}} to use emotions", "emosteer")
     return None
 
 
+def _validate_capture(options, extra_args) -> None:
+    from .capture import CAPTURE_KEY, CaptureError, parse_capture
+    from .spec import SteeringError
+
+    if not isinstance(extra_args, dict) or CAPTURE_KEY not in extra_args:
+        return
+    if options.capture is None:
+        raise SteeringError("this engine was not started in capture mode (option capture)", CAPTURE_KEY)
+    try:
+        parse_capture(extra_args)
+    except CaptureError as exc:
+        raise SteeringError(str(exc), CAPTURE_KEY) from None
+
+
 def _patch_input_processor():
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.output_processor import OutputProcessor
 
     from ..serving import metrics
     from .options import is_enabled
+    from .updates import usage
 
     def make_init(original):
         def __init__(self, *args, **kwargs):
@@ -144,21 +170,40 @@ def _patch_input_processor():
 
     def make(original):
         def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-            spec = None
+            spec = token = salt = None
             if isinstance(params, SamplingParams):
-                spec = _validate(self, params)
-            request = original(self, request_id, prompt, params, *args, **kwargs)
+                with usage.lock:  # atomic with a runtime unload's check (updates.py)
+                    spec = _validate(self, params)
+                    if spec is not None:
+                        sets = frontend_options(self).sets
+                        token = usage.hold(spec.set_names(sets.default.name))
+                        salt = sets.salt(spec)
+            try:
+                request = original(self, request_id, prompt, params, *args, **kwargs)
+            except BaseException:
+                if token is not None:
+                    usage.release(token)
+                raise
             if spec is not None:
-                options = _frontend_options(self)
-                request.cache_salt = combined_salt(request.cache_salt, f"{options.bank_digest}-{spec.fingerprint()}")
+                usage.attach(token, request)
+                request.cache_salt = combined_salt(request.cache_salt, f"{salt}-{spec.fingerprint()}")
             if isinstance(params, SamplingParams) and is_enabled(self.vllm_config):
                 metrics.count_request(spec)
             return request
 
         return process_inputs
 
+    def make_add(original):
+        def add_request(self, request, *args, **kwargs):
+            result = original(self, request, *args, **kwargs)
+            usage.registered(request)
+            return result
+
+        return add_request
+
     _wrap(InputProcessor, "__init__", make_init)
     _wrap(InputProcessor, "process_inputs", make)
+    _wrap(OutputProcessor, "add_request", make_add)
 
 
 def _patch_openai_requests():
@@ -200,15 +245,20 @@ def install_steering(runner) -> None:
     # per-layer nonzero on CPU); never where the forward is captured into a CUDA graph.
     runtime.host_plan = runner.device.type == "cpu" or not _uses_cuda_graphs(runner.vllm_config)
     runtime.register_buffers(runner.get_model())
-    rows = {options.bank.layers[row]: row for row in options.steered_rows()}
-    runtime.handles = install_hooks(runner.get_model(), runtime, options.bank.hook, rows,
+    rows = {options.sets.layers[row]: row for row in options.steered_rows()}
+    runtime.handles = install_hooks(runner.get_model(), runtime, options.sets.hook, rows,
                                     runner.vllm_config.model_config.dtype)
     if not runtime.handles and runner.vllm_config.parallel_config.pipeline_parallel_size == 1:
         raise RuntimeError("emosteer: no layer could be hooked; refusing to run unsteered")
+    if runtime.capture is not None:
+        from .hooks import local_decoder_layers
+
+        local = local_decoder_layers(runner.get_model())
+        runtime.capture.local_rows = [row for layer, row in rows.items() if layer in local]
     runner._emosteer = runtime
     runner.get_model().emosteer_runtime = runtime  # reachable from LLM.apply_model, for inspection
     logger.info(
-        "emosteer: hooked %d layers at %s on %s (%s)", len(runtime.handles), options.bank.hook,
+        "emosteer: hooked %d layers at %s on %s (%s)", len(runtime.handles), options.sets.hook,
         runner.device, "Triton kernel" if runner.device.type == "cuda" else "torch op",
     )
 
@@ -244,7 +294,7 @@ def _patch_v1_runner():
             if runtime is not None:
                 runtime.forget(scheduler_output.finished_req_ids)
                 if scheduler_output.preempted_req_ids:
-                    runtime.forget(scheduler_output.preempted_req_ids)
+                    runtime.forget(scheduler_output.preempted_req_ids, preempted=True)
             return original(self, scheduler_output, *args, **kwargs)
 
         return execute_model
@@ -272,7 +322,7 @@ def _patch_v1_runner():
           make_prepare)
 
 
-def _patch_workers():
+def _patch_warm_up():
     """After start-up's warm-up: where vLLM ran no forward (CPU, eager), run one dummy forward, so that hooked
     tensors that are not [T, H] refuse the model now rather than at its first request."""
     from vllm.platforms import current_platform
@@ -296,6 +346,33 @@ def _patch_workers():
     for cls in workers:
         if "compile_or_warm_up_model" in cls.__dict__:
             _wrap(cls, "compile_or_warm_up_model", make)
+
+
+def take_captures_on_worker(worker) -> dict:
+    """The worker side of TAKE_CAPTURES: this rank's finished captures, as bytes (vLLM's RPC encoder does not
+    round-trip nested tensors); tensor-parallel ranks other than 0 hold the same values and send nothing."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    runtime = getattr(getattr(worker, "model_runner", None), "_emosteer", None)
+    if runtime is None or runtime.capture is None:
+        raise RuntimeError("emosteer: this worker is not in capture mode")
+    done = runtime.capture.take()
+    if get_tensor_model_parallel_rank() != 0:
+        return {}
+    rows = runtime.capture.local_rows
+    return {key: {"rows": rows, "count": item["count"], "sums": item["sums"].numpy().tobytes(),
+                  "norms": [item["norms"][row].numpy().tobytes() for row in rows]} for key, item in done.items()}
+
+
+def _patch_worker():
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from .updates import RPC_METHOD, update_set_on_worker
+
+    if not hasattr(WorkerBase, RPC_METHOD):
+        setattr(WorkerBase, RPC_METHOD, update_set_on_worker)
+    if not hasattr(WorkerBase, TAKE_CAPTURES):
+        setattr(WorkerBase, TAKE_CAPTURES, take_captures_on_worker)
 
 
 def _patch_v2_runner():
@@ -330,6 +407,7 @@ def install() -> None:
     _patch_input_processor()
     _patch_openai_requests()
     _patch_v1_runner()
-    _patch_workers()
+    _patch_warm_up()
+    _patch_worker()
     _patch_v2_runner()
     _installed = True

@@ -1,6 +1,7 @@
 """Per-step steering state of one model runner: persistent buffers refreshed in place before each forward.
 
-* `coeff[slot, L, E]` (fp32): each steered request owns a slot while it is scheduled; its alphas are
+* `bank[L, C, H]` (fp32): the vector sets' blocks (`sets.py`); a set loaded at run time is written in place.
+* `coeff[slot, L, C]` (fp32): each steered request owns a slot while it is scheduled; its alphas are
   written once, when it gets the slot (zero outside the request's layer range).
 * `row_of_token[T_max]` (int32): for each token of the flattened batch, its request's slot, or -1 when the
   token is not steered (unsteered request, prompt token in "response" mode, padding).
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from vllm.v1.utils import CpuGpuBuffer
 
+from ..vectors.bank import EmotionBank
+from .capture import Capture
 from .ops import steer_add_eager
 from .options import EmosteerOptions
 from .spec import SteeringError, SteeringSpec, parse_steering
@@ -44,10 +47,8 @@ class StepPlan:
 class SteeringRuntime:
     def __init__(self, options: EmosteerOptions, max_tokens: int, max_slots: int, device: torch.device):
         self.options = options
-        bank = options.bank
-        self.limits = options.limits
-        L, E, _ = bank.vectors.shape
-        self.bank = bank.vectors.to(device)  # fp32 [L, E, H]
+        self.bank = options.sets.device_bank(device)  # fp32 [L, C, H]
+        L, E, H = self.bank.shape
         pin = device.type == "cuda"
         self.rows = CpuGpuBuffer(max_tokens, dtype=torch.int32, device=device, pin_memory=pin)
         self.coeff = CpuGpuBuffer(max_slots, L, E, dtype=torch.float32, device=device, pin_memory=pin)
@@ -64,6 +65,7 @@ class SteeringRuntime:
         self.segments: list[tuple[int, int, int]] = []  # mode "naive" only: (first token, end, slot) per request
         # Host-side plan of the step, for forwards that run eagerly (set by install_steering: CPU, or CUDA without
         # CUDA graphs). Compiled graphs and captured CUDA graphs always call the op and never read it.
+        self.capture = Capture(L, H, device) if options.capture else None  # capture mode (extraction)
         self.host_plan = False
         self.plan: StepPlan | None = None
         self.hooks_ran = False  # a hooked forward has run (and checked the hooked tensors' shapes)
@@ -71,8 +73,8 @@ class SteeringRuntime:
         # gets the slot, so that a steered layer costs one small add (no per-step or per-layer matmul)
         self.slot_offsets: torch.Tensor | None = None
         self.offset_rows: list[tuple[torch.Tensor, ...]] = []  # per slot, its [H] offset at each bank row (views)
-        if device.type == "cpu" and max_slots * L * bank.vectors.shape[2] <= SLOT_OFFSETS_LIMIT:
-            self.slot_offsets = torch.zeros(max_slots, L, bank.vectors.shape[2])
+        if device.type == "cpu" and max_slots * L * H <= SLOT_OFFSETS_LIMIT:
+            self.slot_offsets = torch.zeros(max_slots, L, H)
             self.offset_rows = [self.slot_offsets[slot].unbind(0) for slot in range(max_slots)]
 
     def register_buffers(self, model: torch.nn.Module) -> None:
@@ -82,8 +84,10 @@ class SteeringRuntime:
             model.register_buffer(f"emosteer_{name}", tensor, persistent=False)
 
     # ---- request lifetime -------------------------------------------------------------------------------
-    def forget(self, req_ids) -> None:
+    def forget(self, req_ids, preempted: bool = False) -> None:
         """Finished, aborted or preempted requests give their slot back."""
+        if self.capture is not None:
+            (self.capture.restart if preempted else self.capture.finish)(req_ids)
         for req_id in req_ids:
             slot = self.slot_of.pop(req_id, UNSTEERED)
             if slot != UNSTEERED:
@@ -92,7 +96,7 @@ class SteeringRuntime:
     def _spec_of(self, req_id: str, request) -> SteeringSpec | None:
         params = getattr(request, "sampling_params", None)
         try:
-            return parse_steering(getattr(params, "extra_args", None), self.limits)
+            return parse_steering(getattr(params, "extra_args", None), self.options.limits)
         except SteeringError as exc:  # the front-end validated it; never raise inside the worker
             logger.error("emosteer: request %s left unsteered, invalid spec reached the worker: %s", req_id, exc)
             return None
@@ -106,24 +110,39 @@ class SteeringRuntime:
             self.forget([r for r in list(self.slot_of) if r not in scheduled])
         slot = self.free_slots.pop()
         self.slot_of[req_id] = slot
-        self.coeff.np[slot] = self.options.bank.coefficients(dict(spec.intensities), spec.raw, spec.layers).numpy()
+        self.coeff.np[slot] = self.options.sets.coefficients(spec).numpy()
         self.start_of_slot[slot] = 0 if spec.positions == "all" else max(request.num_prompt_tokens - 1, 0)
         self.coeff_dirty = True
+
+    def update_set(self, name: str, bank: EmotionBank | None, source: str = "") -> str | None:
+        """Load (or replace) a vector set into its block of the bank, in place; bank None unloads it. Runs between
+        steps (a collective RPC); the front-end refuses it while requests that use the set are unfinished."""
+        sets = self.options.sets
+        if bank is None:
+            removed = sets.remove(name)
+            start = removed.block * sets.width
+            self.bank[:, start: start + sets.width].zero_()
+            return None
+        vector_set = sets.add(name, bank, source)
+        sets.write(self.bank, vector_set)
+        return vector_set.digest
 
     # ---- per step ---------------------------------------------------------------------------------------
     def prepare(self, req_ids: list[str], requests: dict, num_tokens_per_req: np.ndarray,
                 num_computed: np.ndarray, query_pos: np.ndarray) -> None:
         """Fill row_of_token for this step's flattened batch (requests in batch-row order)."""
+        if self.capture is not None:
+            self.capture.prepare(req_ids, requests, num_tokens_per_req, num_computed, query_pos)
         if any(r not in self.slot_of for r in req_ids):
             scheduled = set(req_ids)
             admitted = [r for r in req_ids if r not in self.slot_of]
             for req_id in admitted:
                 self._admit(req_id, requests[req_id], scheduled)
             if self.host_plan and self.slot_offsets is not None:
-                new = [self.slot_of[r] for r in admitted if self.slot_of[r] != UNSTEERED]
-                if new:
-                    idx = torch.tensor(new)
-                    self.slot_offsets[idx] = torch.bmm(self.coeff.gpu[idx].transpose(0, 1), self.bank).transpose(0, 1)
+                for slot in (self.slot_of[r] for r in admitted if self.slot_of[r] != UNSTEERED):
+                    # one slot at a time: a batched matmul may sum in another order, and a request's offsets
+                    # must not depend on which requests were admitted with it
+                    self.slot_offsets[slot] = torch.bmm(self.coeff.gpu[slot].unsqueeze(1), self.bank).squeeze(1)
         if self.coeff_dirty:
             self.coeff.copy_to_gpu()
             self.coeff_dirty = False

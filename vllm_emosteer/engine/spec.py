@@ -8,6 +8,10 @@ Two request forms are accepted, both inside `SamplingParams.extra_args`:
   or ``{"emotions": ["joy", "fear"], "intensities": [2.0, 0.5]}``, plus ``steer_positions`` and
   ``steer_layers`` (``[first, last]``).
 
+An engine may serve several named vector sets (the first is the default). A request picks one with ``"set"``
+(flat: ``steer_set``) or names rows of any set as ``"set/name"``. Names of the default set stay plain ("joy");
+rows of other sets are "set/name" in the parsed spec.
+
 Intensities are multiplied by the bank's per-emotion calibrated scale (1.0 for uncalibrated banks) to give
 the alpha added at every steered layer; ``"raw": true`` (flat: ``steer_raw``) uses them as alphas directly.
 """
@@ -22,8 +26,9 @@ from dataclasses import dataclass
 from vllm.exceptions import VLLMValidationError
 
 POSITION_MODES = ("response", "all")
-FLAT_KEYS = ("emotion", "intensity", "emotions", "intensities", "steer_positions", "steer_layers", "steer_raw")
-NESTED_KEYS = ("emotions", "positions", "layers", "raw")
+FLAT_KEYS = ("emotion", "intensity", "emotions", "intensities", "steer_positions", "steer_layers", "steer_raw",
+             "steer_set")
+NESTED_KEYS = ("emotions", "positions", "layers", "raw", "set")
 
 
 class SteeringError(VLLMValidationError, ValueError):
@@ -34,15 +39,37 @@ class SteeringError(VLLMValidationError, ValueError):
 
 
 @dataclass(frozen=True)
-class SteeringLimits:
-    """What a running engine accepts; built from the bank and the engine's emosteer options."""
+class SetLimits:
+    """What one vector set accepts."""
 
     emotions: tuple[str, ...]
+    max_dose: float | None = None  # None: the vectors file records no typical norms, so doses are unknown
+    doses: tuple[tuple[str, float, float], ...] = ()  # (emotion, max dose per intensity, per raw alpha)
+
+
+@dataclass(frozen=True)
+class SteeringLimits:
+    """What a running engine accepts; built from its vector sets and its emosteer options."""
+
+    sets: dict[str, SetLimits]  # by set name; the first is the default set
     num_layers: int
     max_intensity: float
     max_emotions: int
-    max_dose: float | None = None  # None: the vectors file records no typical norms, so doses are unknown
-    doses: tuple[tuple[str, float, float], ...] = ()  # (emotion, max dose per intensity, per raw alpha)
+    busy: frozenset[str] = frozenset()  # sets being loaded, replaced or unloaded: requests must wait
+
+    @property
+    def default_set(self) -> str:
+        return next(iter(self.sets))
+
+    @property
+    def emotions(self) -> tuple[str, ...]:
+        return self.sets[self.default_set].emotions
+
+
+def split_name(name: str, default_set: str) -> tuple[str, str]:
+    """(set, emotion) of a parsed spec's name: "joy" is in the default set, "style/formal" in "style"."""
+    owner, slash, emotion = name.rpartition("/")
+    return (owner if slash else default_set), emotion
 
 
 @dataclass(frozen=True)
@@ -51,6 +78,9 @@ class SteeringSpec:
     positions: str = "response"
     layers: tuple[int, int] | None = None  # inclusive range of bank layer rows
     raw: bool = False
+
+    def set_names(self, default_set: str) -> set[str]:
+        return {split_name(name, default_set)[0] for name, _ in self.intensities}
 
     def fingerprint(self) -> str:
         canonical = json.dumps(
@@ -79,14 +109,33 @@ def _number(value, parameter: str, limits: SteeringLimits) -> float:
     return value
 
 
-def _emotion(name, parameter: str, limits: SteeringLimits) -> str:
-    if not isinstance(name, str) or name.lower() not in limits.emotions:
-        _fail(
-            f"unknown emotion {name!r} in {parameter}; this server knows {list(limits.emotions)}",
-            parameter,
-            name,
-        )
-    return name.lower()
+def _emotion(name, parameter: str, limits: SteeringLimits, set_name: str) -> str:
+    """The canonical name of a row: "joy" in the default set, "style/formal" in another."""
+    if not isinstance(name, str):
+        _fail(f"unknown emotion {name!r} in {parameter}; this server knows {list(limits.emotions)}", parameter, name)
+    owner, slash, emotion = name.rpartition("/")
+    owner = owner if slash else set_name
+    _check_set(owner, parameter, limits, name)
+    emotion = emotion.lower()
+    if emotion not in limits.sets[owner].emotions:
+        known = list(limits.sets[owner].emotions)
+        where = "this server knows" if owner == limits.default_set else f"set {owner!r} has"
+        _fail(f"unknown emotion {name!r} in {parameter}; {where} {known}", parameter, name)
+    return emotion if owner == limits.default_set else f"{owner}/{emotion}"
+
+
+def _check_set(name, parameter: str, limits: SteeringLimits, value) -> None:
+    if not isinstance(name, str) or name not in limits.sets:
+        _fail(f"unknown vector set {name!r} in {parameter}; this server has {list(limits.sets)}", parameter, value)
+    if name in limits.busy:
+        _fail(f"vector set {name!r} is being loaded, replaced or unloaded; retry in a moment", parameter, value)
+
+
+def _set_name(value, parameter: str, limits: SteeringLimits) -> str:
+    if value is None:
+        return limits.default_set
+    _check_set(value, parameter, limits, value)
+    return value
 
 
 def _nested_parts(block):
@@ -104,7 +153,7 @@ def _nested_parts(block):
             emotions,
         )
     pairs = [(name, value, "emosteer.emotions", f"emosteer.emotions.{name}") for name, value in emotions.items()]
-    return pairs, block.get("positions"), block.get("layers"), block.get("raw")
+    return pairs, block.get("positions"), block.get("layers"), block.get("raw"), block.get("set")
 
 
 def _flat_parts(extra_args: dict):
@@ -125,7 +174,8 @@ def _flat_parts(extra_args: dict):
                 values,
             )
         pairs += [(n, v, "emotions", f"intensities[{i}]") for i, (n, v) in enumerate(zip(names, values))]
-    return pairs, extra_args.get("steer_positions"), extra_args.get("steer_layers"), extra_args.get("steer_raw")
+    return (pairs, extra_args.get("steer_positions"), extra_args.get("steer_layers"), extra_args.get("steer_raw"),
+            extra_args.get("steer_set"))
 
 
 def _near_misses(extra_args: dict) -> list[str]:
@@ -154,15 +204,17 @@ def parse_steering(extra_args, limits: SteeringLimits) -> SteeringSpec | None:
     if "emosteer" in extra_args:
         if any(key in extra_args for key in FLAT_KEYS):
             _fail("give either the nested 'emosteer' object or the flat keys, not both", "emosteer")
-        pairs, positions, layers, raw = _nested_parts(extra_args["emosteer"])
-        names = {"positions": "emosteer.positions", "layers": "emosteer.layers", "raw": "emosteer.raw"}
+        pairs, positions, layers, raw, set_name = _nested_parts(extra_args["emosteer"])
+        names = {"positions": "emosteer.positions", "layers": "emosteer.layers", "raw": "emosteer.raw",
+                 "set": "emosteer.set"}
     else:
-        pairs, positions, layers, raw = _flat_parts(extra_args)
-        names = {"positions": "steer_positions", "layers": "steer_layers", "raw": "steer_raw"}
+        pairs, positions, layers, raw, set_name = _flat_parts(extra_args)
+        names = {"positions": "steer_positions", "layers": "steer_layers", "raw": "steer_raw", "set": "steer_set"}
+    set_name = _set_name(set_name, names["set"], limits)
 
     intensities: dict[str, float] = {}
     for name, value, name_parameter, value_parameter in pairs:
-        emotion = _emotion(name, name_parameter, limits)
+        emotion = _emotion(name, name_parameter, limits, set_name)
         if emotion in intensities:
             _fail(f"emotion {emotion!r} given twice", name_parameter, name)
         intensities[emotion] = _number(value, value_parameter, limits)
@@ -173,7 +225,8 @@ def parse_steering(extra_args, limits: SteeringLimits) -> SteeringSpec | None:
         )
 
     if not pairs and "emosteer" not in extra_args:  # flat steer_* fields alone would silently steer nothing
-        given = [names[k] for k, v in (("positions", positions), ("layers", layers), ("raw", raw)) if v is not None]
+        given = [names[k] for k in ("positions", "layers", "raw", "set")
+                 if extra_args.get(names[k]) is not None]
         if given:
             _fail(f"{given[0]} given without any emotion", given[0])
     if positions is None:
@@ -204,23 +257,44 @@ def parse_steering(extra_args, limits: SteeringLimits) -> SteeringSpec | None:
     active = tuple(sorted((e, v) for e, v in intensities.items() if v != 0.0))
     if not active:
         return None
-    if limits.max_dose is not None:
-        per_unit = {e: (calibrated, per_alpha) for e, calibrated, per_alpha in limits.doses}
-        for emotion, value in active:
-            dose = abs(value) * per_unit[emotion][1 if raw else 0]
-            if dose > limits.max_dose * (1 + 1e-6):
-                _fail(
-                    f"{emotion} at {value} reaches a relative dose of {dose:.3g} at some layer, above the "
-                    f"allowed {limits.max_dose:g} (option max_dose)",
-                    "emosteer.emotions" if "emosteer" in extra_args else "intensity",
-                    value,
-                )
+    for emotion, value in active:
+        owner, plain = split_name(emotion, limits.default_set)
+        set_limits = limits.sets[owner]
+        if set_limits.max_dose is None:
+            continue
+        per_unit = {e: (calibrated, per_alpha) for e, calibrated, per_alpha in set_limits.doses}
+        dose = abs(value) * per_unit[plain][1 if raw else 0]
+        if dose > set_limits.max_dose * (1 + 1e-6):
+            _fail(
+                f"{emotion} at {value} reaches a relative dose of {dose:.3g} at some layer, above the "
+                f"allowed {set_limits.max_dose:g} (option max_dose)",
+                "emosteer.emotions" if "emosteer" in extra_args else "intensity",
+                value,
+            )
     return SteeringSpec(active, positions, layers, raw)
 
 
-def steer(positions: str = "response", layers: tuple[int, int] | None = None, raw: bool = False, **emotions):
-    """The `extra_args` for a steered request: `SamplingParams(extra_args=steer(joy=2.0, fear=0.5))`."""
+def steer(positions: str = "response", layers: tuple[int, int] | None = None, raw: bool = False,
+          set: str | None = None, **emotions):  # noqa: A002  "set" is the request field's name
+    """The `extra_args` for a steered request: `SamplingParams(extra_args=steer(joy=2.0, fear=0.5))`; rows of
+    another vector set: `steer(set="style", formal=1.0)` or `steer(**{"style/formal": 1.0, "joy": 0.5})`."""
     block: dict = {"emotions": dict(emotions), "positions": positions, "raw": raw}
     if layers is not None:
         block["layers"] = list(layers)
+    if set is not None:
+        block["set"] = set
     return {"emosteer": block}
+
+
+def referenced_sets(extra_args) -> set[str | None]:
+    """The vector sets a request's steering fields name, without validating them (None: the default set)."""
+    if not has_steering_args(extra_args):
+        return set()
+    block = extra_args.get("emosteer")
+    block = block if isinstance(block, dict) else extra_args
+    chosen = block.get("set" if block is not extra_args else "steer_set")
+    chosen = chosen if isinstance(chosen, str) else None
+    emotions = block.get("emotions")
+    names = list(emotions) if isinstance(emotions, (dict, list)) else []
+    names += [block.get("emotion")] if block is extra_args else []
+    return {name.rpartition("/")[0] if isinstance(name, str) and "/" in name else chosen for name in names} or {chosen}

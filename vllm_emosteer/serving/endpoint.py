@@ -1,15 +1,31 @@
-"""`GET /v1/emosteer`: what a steering server offers (emotions, layers, intensity limit, calibration).
+"""The plugin's HTTP routes, beside vLLM's OpenAI API:
 
+    GET    /v1/emosteer              what this server's steering offers (emotions, layers, limits, vector sets)
+    POST   /v1/emosteer/sets         {"name": ..., "file": ..., "replace": false}: load a vector set at run time
+    DELETE /v1/emosteer/sets/{name}  unload one
+    GET    /emosteer                 the playground page (playground.py)
+
+Runtime changes need VLLM_EMOSTEER_ALLOW_RUNTIME_UPDATES=1 and the `sets_dir` option (engine/updates.py).
 A `vllm.endpoint_plugins` entry point. vLLM loads endpoint plugins only when they are named in VLLM_PLUGINS:
 start the server with `VLLM_PLUGINS=emosteer` (the name also allows the general plugin of the same name).
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from .playground import attach_playground
+
 ROUTE = "/v1/emosteer"
+NOT_ENABLED = {"enabled": False, "message": "steering is not enabled on this server; start it with "
+               "--additional-config '{\"emosteer\": {}}'"}
+
+
+def _error(status: int, message: str, parameter: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": "BadRequestError" if status == 400 else "EmosteerSetError",
+                      "param": parameter, "code": status}}
+    return JSONResponse(body, status_code=status)
 
 
 class EmosteerEndpoint:
@@ -17,19 +33,71 @@ class EmosteerEndpoint:
     required_tasks = ("generate",)
 
     def __init__(self):
-        self.info: dict | None = None
+        self.engine_client = None
+        self.options = None
 
     def attach_router(self, app: FastAPI) -> None:
         @app.get(ROUTE)
         async def emosteer_info():
-            if self.info is None:
-                return JSONResponse({"enabled": False, "message": "steering is not enabled on this server; start "
-                                     "it with --additional-config '{\"emosteer\": {}}'"}, status_code=404)
-            return JSONResponse(self.info)
+            if self.options is None:
+                return JSONResponse(NOT_ENABLED, status_code=404)
+            return JSONResponse({"enabled": True, "runtime_updates": _runtime_updates(self.options),
+                                 **self.options.describe()})
+
+        @app.post(ROUTE + "/sets")
+        async def load_set(request: Request):
+            from ..engine.updates import SetUpdateError, load_set_async
+
+            if self.options is None:
+                return JSONResponse(NOT_ENABLED, status_code=404)
+            try:
+                body = await request.json()
+            except ValueError:
+                return _error(400, "the body must be a JSON object {\"name\": ..., \"file\": ...}")
+            if not isinstance(body, dict) or set(body) - {"name", "file", "replace"}:
+                return _error(400, "the body must be a JSON object with 'name', 'file' and optionally 'replace'")
+            if not isinstance(body.get("replace", False), bool):
+                return _error(400, "'replace' must be true or false", "replace")
+            try:
+                described = await load_set_async(self.engine_client, body.get("name"), body.get("file"),
+                                                 body.get("replace", False))
+            except SetUpdateError as exc:
+                return _error(exc.status, str(exc))
+            return JSONResponse(described)
+
+        @app.delete(ROUTE + "/sets/{name}")
+        async def unload_set(name: str):
+            from ..engine.updates import SetUpdateError, unload_set_async
+
+            if self.options is None:
+                return JSONResponse(NOT_ENABLED, status_code=404)
+            try:
+                await unload_set_async(self.engine_client, name)
+            except SetUpdateError as exc:
+                return _error(exc.status, str(exc))
+            return JSONResponse({"unloaded": name})
+
+        attach_playground(app, self.refusal)
+
+    def refusal(self) -> JSONResponse | None:
+        """The 404 every route answers while steering is off."""
+        return JSONResponse(NOT_ENABLED, status_code=404) if self.options is None else None
 
     async def init_state(self, engine_client, state, args) -> None:
-        from ..engine.options import is_enabled, options_from_vllm_config
+        from ..engine.options import is_enabled
+        from ..engine.plugin import frontend_options
+        from . import metrics
 
-        config = getattr(engine_client, "vllm_config", None)
-        if config is not None and is_enabled(config):
-            self.info = {"enabled": True, **options_from_vllm_config(config).describe()}
+        processor = getattr(engine_client, "input_processor", None)
+        if processor is not None and is_enabled(processor.vllm_config):
+            self.engine_client = engine_client
+            self.options = frontend_options(processor)
+            metrics.SETS_LOADED.set(len(self.options.sets.sets))
+
+
+def _runtime_updates(options) -> bool:
+    import os
+
+    from ..engine.updates import ALLOW_ENV
+
+    return os.environ.get(ALLOW_ENV) == "1" and options.sets_dir is not None

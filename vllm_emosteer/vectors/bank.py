@@ -242,6 +242,11 @@ class EmotionBank:
                 f"{path}: format version {meta['format_version']} is newer than this plugin's "
                 f"({FORMAT_VERSION}); upgrade vllm-emosteer"
             )
+        return cls.from_parts(vectors, meta, str(path))
+
+    @classmethod
+    def from_parts(cls, vectors: torch.Tensor, meta: dict, where: str = "vectors") -> "EmotionBank":
+        """A bank from its tensor and its metadata (`metadata()`), as read from a file or sent to a worker."""
         try:
             return cls(
                 vectors=vectors,
@@ -256,7 +261,7 @@ class EmotionBank:
                 bands=meta.get("bands", {}),
             )
         except KeyError as exc:
-            raise BankError(f"{path}: metadata lacks {exc}") from exc
+            raise BankError(f"{where}: metadata lacks {exc}") from exc
 
     def check_fits(self, config) -> None:
         """Refuse a model this bank was not made for, saying what differs."""

@@ -1,4 +1,4 @@
-"""Extract emotion vectors with transformers.
+"""Extract emotion vectors, inside vLLM (`vllm_capture.py`) or with transformers (here, the reference).
 
 Two recipes, both "mean activation of emotional answers minus that of neutral answers, per layer":
 
@@ -9,6 +9,8 @@ Two recipes, both "mean activation of emotional answers minus that of neutral an
   steering must recreate when a user asks a plain question. Pairs are kept only where the emotional answer
   reads as its emotion (NADE or MiniLM prototypes put it first, little repetition) and the neutral answer does
   not. The file stores units "dose" and each layer's typical activation norm.
+* pairs: the user's own concepts from a pairs file (`pairs.py`), answered and captured like the contrast recipe;
+  units "dose".
 * paper: Dong et al.'s recipe. N EmotionQuery questions of each emotion answered under a neutral and an
   emotional system prompt; activations captured under each answer's own prompt; units "alpha".
 
@@ -18,8 +20,8 @@ sink, ~170x the norm of other tokens in SmolLM2).
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -29,9 +31,10 @@ from tqdm.auto import tqdm
 
 from ..engine.hooks import ATTENTION_NAMES, attention_module
 from .bank import EmotionBank, model_facts
+from .pairs import Pair, PairsError, concepts_of
 
 EMOTIONS = ("joy", "anger", "disgust", "fear", "sadness")
-RECIPES = ("contrast", "paper")
+RECIPES = ("contrast", "paper", "pairs")
 DESCRIPTIONS = {
     "joy": "extremely happy and joyful",
     "anger": "extremely angry and furious",
@@ -131,8 +134,8 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     answers = []
     for batch in _batches(prompts, batch_size):
         width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=pad,
@@ -142,28 +145,6 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
             answers.append(row[:cut])
         bar.update(1)
     return answers
-
-
-def vllm_generator(model_path: str, dtype: str = "auto", seed: int = 0):
-    """A `generate` for `extract` that answers through vLLM (batched, greedy): several times faster than
-    transformers' generate on CPU. The engine is stopped before the capture starts."""
-
-    def generate(prompts: list[list[int]], max_new_tokens: int, eos: set[int]) -> list[list[int]]:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB on the CPU backend (else most of the RAM)
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        llm = LLM(model=model_path, dtype=dtype, enforce_eager=True, seed=seed, max_num_seqs=256,
-                  max_model_len=max(len(p) for p in prompts) + max_new_tokens + 8)
-        try:
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                   SamplingParams(max_tokens=max_new_tokens, temperature=0), use_tqdm=True)
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-        answers = [list(o.outputs[0].token_ids) for o in outputs]
-        return [a[: next((i for i, t in enumerate(a) if t in eos), len(a))] for a in answers]
-
-    return generate
 
 
 @torch.no_grad()
@@ -184,8 +165,8 @@ def mean_activations(model, samples: list[Sample], hook: str, batch_size: int, b
         for batch in _batches(samples, batch_size):
             seqs = [s.context + s.answer_ids for s in batch]
             width = max(len(s) for s in seqs)
-            ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+            ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=model.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             # steered positions: last context token .. last answer token, never position 0
             select = torch.zeros(len(batch), width)
@@ -195,7 +176,7 @@ def mean_activations(model, samples: list[Sample], hook: str, batch_size: int, b
                 select[row, first:end] = 1.0
                 answer[row, max(len(s.context), 1):end] = True
             weights = (select / select.sum(1, keepdim=True)).double()
-            stacked = torch.stack([captured[i].double() for i in range(len(layers))], dim=1)  # [B, L, T, H]
+            stacked = torch.stack([captured[i].double().cpu() for i in range(len(layers))], dim=1)  # [B, L, T, H]
             means.append(torch.einsum("blth,bt->blh", stacked, weights))
             token_norms.append(stacked.norm(dim=-1).permute(1, 0, 2)[:, answer])  # [L, answer tokens]
             bar.update(1)
@@ -236,6 +217,51 @@ def _contrast_samples(tokenizer, emotions, questions: list[str], templates) -> l
                 samples.append(Sample(emotion, "emotional", question, prompt, [], context_ids=plain,
                                       kept_for=(emotion,), asked_in=role))
     return samples
+
+
+def _pair_samples(tokenizer, pairs: list[Pair]) -> list[Sample]:
+    """Two samples per pair: its positive ("emotional") and negative ("neutral") side, keyed by the pair's line."""
+    samples = []
+    for pair in pairs:
+        key = f"line {pair.line}"
+        plain = _prompt_ids(tokenizer, None, pair.question) if pair.question else []
+        sides = (("emotional", pair.positive, pair.positive_text), ("neutral", pair.negative, pair.negative_text))
+        for condition, instruction, text in sides:
+            if text is None:
+                samples.append(Sample(pair.concept, condition, key, _prompt_ids(tokenizer, instruction, pair.question),
+                                      [], context_ids=plain, kept_for=(pair.concept,)))
+                continue
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if len(plain) + len(ids) < 3:
+                raise PairsError(f"line {pair.line}: the {condition.replace('emotional', 'positive')} text is too "
+                                 "short to capture (give a question or a longer text)")
+            samples.append(Sample(pair.concept, condition, key, plain, ids, text=text, kept_for=(pair.concept,)))
+    return samples
+
+
+def consistency(means: torch.Tensor, samples: list[Sample], concepts) -> dict[str, dict[str, float | None]]:
+    """Per concept and layer band (thirds of the model), the mean pairwise cosine of the per-pair differences
+    (emotional minus neutral answer to the same question): consistent differences make reliable vectors
+    (arXiv 2505.22637). None: fewer than two pairs."""
+    num_layers = means.shape[1]
+    third = max(num_layers // 3, 1)
+    bands = [(0, third - 1), (third, 2 * third - 1), (2 * third, num_layers - 1)] if num_layers >= 3 else [
+        (0, num_layers - 1)]
+    table = {}
+    for concept in concepts:
+        neutral = {s.question: i for i, s in enumerate(samples) if s.condition == "neutral" and concept in s.kept_for}
+        diffs = [means[i] - means[neutral[s.question]] for i, s in enumerate(samples)
+                 if s.condition == "emotional" and concept in s.kept_for and s.question in neutral]
+        n = len(diffs)
+        if n < 2:
+            table[concept] = {f"{a}-{b}": None for a, b in bands}
+            continue
+        units = torch.stack(diffs)
+        units = units / units.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [n, L, H]
+        total = units.sum(0)
+        per_layer = ((total * total).sum(-1) - n) / (n * (n - 1))  # mean over pairs i != j of cos(d_i, d_j)
+        table[concept] = {f"{a}-{b}": round(float(per_layer[a: b + 1].mean()), 3) for a, b in bands}
+    return table
 
 
 def select_pairs(samples: list[Sample], emotions) -> dict[str, dict]:
@@ -292,10 +318,18 @@ def extract(
     filter_pairs: bool = True,
     model_name: str | None = None,
     generate=None,
+    pairs: list[Pair] | None = None,
+    pairs_source: str | None = None,
+    engine=None,
 ) -> tuple[EmotionBank, list[Sample]]:
     """The vectors of `emotions` by `recipe` (RECIPES); returns the bank and the samples (with the contrast
     table in `bank.recipe["contrast"]` for the contrast recipe when `filter_pairs`). `generate(prompts,
-    max_new_tokens, eos_ids)` answers the prompts (default: transformers' generate on `model`)."""
+    max_new_tokens, eos_ids)` answers the prompts (default: transformers' generate on `model`). `engine`: a
+    `VllmExtractor` that answers and captures inside vLLM (then `model` may be None)."""
+    if engine is not None:
+        generate = engine.generate
+    if pairs is not None:
+        recipe, emotions = "pairs", concepts_of(pairs)
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {list(RECIPES)}")
     templates = {**TEMPLATES, "contrast": CONTRAST_TEMPLATES, **(templates or {})}
@@ -303,29 +337,37 @@ def extract(
     torch.manual_seed(seed)
     if recipe == "paper":
         samples = _paper_samples(tokenizer, emotions, questions_per_emotion, templates, rng)
+    elif recipe == "pairs":
+        if pairs is None:
+            raise ValueError("the pairs recipe needs pairs (extract --pairs FILE)")
+        samples = _pair_samples(tokenizer, pairs)
     else:
         pool = extraction_questions()
         if questions_per_emotion > len(pool):
             raise ValueError(f"the contrast recipe has {len(pool)} questions, asked for {questions_per_emotion}")
         samples = _contrast_samples(tokenizer, emotions, rng.sample(pool, questions_per_emotion), templates["contrast"])
 
-    steps = (1 if generate else 2) * -(-len(samples) // batch_size)
+    to_answer = [s for s in samples if not s.answer_ids]  # pairs with ready texts need no answers
+    steps = (1 if generate or not to_answer else 2) * -(-len(samples) // batch_size)
     with tqdm(total=steps, desc=f"extract ({recipe}: " + ("capture" if generate else "generate, then capture") + ")",
               unit="batch") as bar:
-        if generate:
-            eos_ids = model.generation_config.eos_token_id or tokenizer.eos_token_id
+        if not to_answer:
+            answers = []
+        elif generate:
+            eos_ids = (model.generation_config.eos_token_id if model is not None else None) or tokenizer.eos_token_id
             eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
-            answers = generate([s.prompt_ids for s in samples], max_new_tokens, eos)
+            answers = generate([s.prompt_ids for s in to_answer], max_new_tokens, eos)
         else:
-            answers = generate_answers(model, tokenizer, [s.prompt_ids for s in samples], max_new_tokens,
+            answers = generate_answers(model, tokenizer, [s.prompt_ids for s in to_answer], max_new_tokens,
                                        batch_size, bar)
-        for sample, answer in zip(samples, answers):
+        for sample, answer in zip(to_answer, answers):
             sample.answer_ids = answer if answer else [tokenizer.eos_token_id]
             sample.text = tokenizer.decode(answer, skip_special_tokens=True).strip()
         contrast = select_pairs(samples, emotions) if recipe == "contrast" and filter_pairs else None
         samples = [s for s in samples if s.kept_for]  # answers the filter dropped are not captured
         bar.total = bar.n + -(-len(samples) // batch_size)
-        means, typical_norms = mean_activations(model, samples, hook, batch_size, bar)  # [N, L, H]
+        capture = engine.capture if engine is not None else functools.partial(mean_activations, model)
+        means, typical_norms = capture(samples, hook, batch_size, bar)  # [N, L, H]
 
     rows = []
     for emotion in emotions:
@@ -335,16 +377,19 @@ def extract(
     vectors = torch.stack(rows, dim=1).float()  # [L, E, H]
     details = {
         "recipe": recipe,
+        "consistency": consistency(means, samples, emotions),
         "method": "mean(emotional answers) - mean(neutral answers), per layer",
-        "source": ("EmotionQuery (Dong et al. 2025)" if recipe == "paper"
-                   else "vllm_emosteer/data/extraction_prompts.txt"),
+        "source": {"paper": "EmotionQuery (Dong et al. 2025)", "contrast": "vllm_emosteer/data/extraction_prompts.txt",
+                   "pairs": pairs_source or "contrast pairs"}[recipe],
         "templates": ({k: templates[k] for k in ("neutral", "emotional")} if recipe == "paper"
-                      else {"emotional": [list(t) for t in templates["contrast"]], "neutral": "{question}"}),
+                      else {"emotional": [list(t) for t in templates["contrast"]], "neutral": "{question}"}
+                      if recipe == "contrast" else "the pairs file's instructions or texts"),
         "questions_per_emotion": questions_per_emotion,
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy" + (" (vLLM)" if generate else " (transformers)"),
+        "capture": "vLLM (capture mode)" if engine is not None else "transformers",
         "positions": "last context token and answer tokens, position 0 excluded; mean per answer, then over answers",
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": engine.dtype if engine is not None else str(next(model.parameters()).dtype).replace("torch.", ""),
         "seed": seed,
     }
     if contrast is not None:
@@ -354,9 +399,9 @@ def extract(
         emotions=list(emotions),
         hook=hook,
         layers=list(range(vectors.shape[0])),
-        model=model_facts(model.config, model_name),
+        model=model_facts(engine.config if engine is not None else model.config, model_name),
         recipe=details,
-        units="dose" if recipe == "contrast" else "alpha",
+        units="alpha" if recipe == "paper" else "dose",
         typical_norms=typical_norms,
     )
     return bank, samples

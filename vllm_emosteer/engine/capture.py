@@ -1,0 +1,126 @@
+"""Capture mode, for extraction inside vLLM: per request, the hooked activation summed over chosen positions.
+
+An engine started with `{"emosteer": {"capture": "attn_out"}}` (or "residual") hooks every layer. A request whose
+extra_args hold `{"emosteer_capture": {"key": K, "from": F, "norms_from": N}}` (a prompt only, max_tokens 1)
+gets, at every layer, the fp32 sum of the hooked activation over its prompt positions >= F, and the token
+norms at positions >= N, accumulated on the device across prefill chunks. `take_captures` (a collective RPC,
+`vectors/vllm_capture.py`) returns them by key: tensor-parallel ranks hold the same values (rank 0 answers),
+pipeline stages each answer for their own layers.
+
+Capture runs eagerly (no compilation, no CUDA graphs) and without prefix caching: a cached token is never
+computed, so it could not be captured. The engine refuses to start otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+CAPTURE_KEY = "emosteer_capture"
+
+
+class CaptureError(ValueError):
+    pass
+
+
+def parse_capture(extra_args) -> tuple[str, int, int] | None:
+    """(key, from, norms_from) of a capture request, None for any other request."""
+    block = extra_args.get(CAPTURE_KEY) if isinstance(extra_args, dict) else None
+    if block is None:
+        return None
+    if not isinstance(block, dict) or set(block) - {"key", "from", "norms_from"} or not isinstance(
+            block.get("key"), str):
+        raise CaptureError(f"{CAPTURE_KEY} must be {{\"key\": str, \"from\": int, \"norms_from\": int}}, got {block!r}")
+    first, norms_from = block.get("from", 0), block.get("norms_from", block.get("from", 0))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (first, norms_from)):
+        raise CaptureError(f"{CAPTURE_KEY}: 'from' and 'norms_from' must be non-negative integers, got {block!r}")
+    return block["key"], first, norms_from
+
+
+class Capture:
+    """The worker side: accumulators per capture request, filled by the hooks, handed out by key."""
+
+    def __init__(self, num_rows: int, hidden_size: int, device: torch.device):
+        self.num_rows, self.hidden_size, self.device = num_rows, hidden_size, device
+        self.local_rows: list[int] = []  # set by the plugin: the rows hooked on this rank
+        self.pool = torch.zeros(0, num_rows, hidden_size, device=device)  # fp32 sums, one row per request
+        self.free: list[int] = []
+        self.of_request: dict[str, tuple[int, str, int, int]] = {}  # req_id -> (pool row, key, from, norms_from)
+        self.counts: dict[int, int] = {}
+        self.norms: dict[int, list[dict[int, torch.Tensor]]] = {}  # pool row -> per step, per row: token norms
+        self.step: tuple | None = None  # this step's (token index, pool rows per token, norm index, norm pool rows)
+        self.done: dict[str, dict] = {}
+
+    def _admit(self, req_id: str, request) -> None:
+        spec = parse_capture(getattr(getattr(request, "sampling_params", None), "extra_args", None))
+        if spec is None:
+            self.of_request[req_id] = None
+            return
+        if not self.free:
+            grown = self.pool.shape[0] * 2 or 8
+            self.free = list(range(grown - 1, self.pool.shape[0] - 1, -1))
+            self.pool = torch.cat([self.pool, torch.zeros(grown - self.pool.shape[0], self.num_rows,
+                                                          self.hidden_size, device=self.device)])
+        slot = self.free.pop()
+        self.pool[slot].zero_()
+        self.counts[slot], self.norms[slot] = 0, []
+        self.of_request[req_id] = (slot, *spec)
+
+    def prepare(self, req_ids, requests, num_tokens_per_req: np.ndarray, num_computed: np.ndarray,
+                query_pos: np.ndarray) -> None:
+        for req_id in req_ids:
+            if req_id not in self.of_request:
+                self._admit(req_id, requests[req_id])
+        entries = [self.of_request[r] for r in req_ids]
+        if all(e is None for e in entries):
+            self.step = None
+            return
+        total = int(num_tokens_per_req.sum())
+        slot = np.repeat([e[0] if e else -1 for e in entries], num_tokens_per_req)
+        first = np.repeat([e[2] if e else 0 for e in entries], num_tokens_per_req)
+        norms_from = np.repeat([e[3] if e else 0 for e in entries], num_tokens_per_req)
+        positions = np.repeat(num_computed, num_tokens_per_req) + query_pos[:total]
+        summed = np.flatnonzero((slot >= 0) & (positions >= first))
+        normed = np.flatnonzero((slot >= 0) & (positions >= norms_from))
+        for s in np.unique(slot[summed]):
+            self.counts[int(s)] += int((slot[summed] == s).sum())
+        self.step = tuple(torch.from_numpy(a.astype(np.int64)).to(self.device)
+                          for a in (summed, slot[summed], normed, slot[normed]))
+        self._normed_slots = slot[normed]
+        for s in np.unique(self._normed_slots):
+            self.norms[int(s)].append({})
+
+    def add(self, x: torch.Tensor, row: int) -> None:
+        """Called by the hook of bank row `row` with the hooked activation [T, H] (before any steering)."""
+        if self.step is None:
+            return
+        index, slots, norm_index, norm_slots = self.step
+        self.pool[:, row].index_add_(0, slots, x[index].float())
+        token_norms = x[norm_index].float().norm(dim=-1)
+        for s in np.unique(self._normed_slots):
+            self.norms[int(s)][-1][row] = token_norms[torch.from_numpy(self._normed_slots == s)].cpu()
+
+    def restart(self, req_ids) -> None:
+        """Preempted requests compute their prompt again from the start: drop what they had summed."""
+        for req_id in req_ids:
+            entry = self.of_request.get(req_id)
+            if entry is not None:
+                self.pool[entry[0]].zero_()
+                self.counts[entry[0]], self.norms[entry[0]] = 0, []
+
+    def finish(self, req_ids) -> None:
+        for req_id in req_ids:
+            entry = self.of_request.pop(req_id, None)
+            if entry is None:
+                continue
+            slot, key = entry[0], entry[1]
+            norms = {row: torch.cat([step[row] for step in self.norms[slot] if row in step] or [torch.zeros(0)])
+                     for row in self.local_rows}
+            self.done[key] = {"sums": self.pool[slot, self.local_rows].cpu(), "count": self.counts.pop(slot),
+                              "norms": norms}
+            self.norms.pop(slot)
+            self.free.append(slot)
+
+    def take(self) -> dict[str, dict]:
+        done, self.done = self.done, {}
+        return done
