@@ -95,8 +95,8 @@ DTYPES = {"DeepseekV2ForCausalLM": "bfloat16", "DeepseekV3ForCausalLM": "bfloat1
 ALL = os.environ.get("EMOSTEER_ALL_ARCHITECTURES") == "1"
 CI_ARCHITECTURES = {"Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM",
                     "GptOssForCausalLM", "DeepseekV3ForCausalLM"}
-ENGINE_PARAMS = [pytest.param(arch, marks=pytest.mark.skipif(
-    not ALL and arch not in CI_ARCHITECTURES, reason="set EMOSTEER_ALL_ARCHITECTURES=1")) for arch in ARCHITECTURES]
+ALL_ONLY = pytest.mark.skipif(not ALL, reason="set EMOSTEER_ALL_ARCHITECTURES=1")
+ENGINE_PARAMS = [pytest.param(arch, marks=[] if arch in CI_ARCHITECTURES else ALL_ONLY) for arch in ARCHITECTURES]
 
 
 def prompt(length, seed):
@@ -318,3 +318,28 @@ def test_deepseek_residual_in_float16_is_refused():
     with pytest.raises(UnsupportedModelError, match="cannot steer DeepseekLike at residual in float16"):
         hook_targets(DeepseekLike(), "residual", [0], torch.float16)
     assert list(hook_targets(DeepseekLike(), "residual", [0], torch.bfloat16)) == [0]
+
+
+@pytest.mark.parametrize("arch, hook", [
+    ("Olmo2ForCausalLM", "residual"),  # Transformers backend: [1, T, H], layers that return the stream
+    pytest.param("GptOssForCausalLM", "attn_out", marks=ALL_ONLY),
+])
+def test_vllm_extraction_equals_the_transformers_capture(tiny_models, arch, hook):
+    from transformers import AutoModelForCausalLM
+    from tqdm.auto import tqdm
+
+    from vllm_emosteer.vectors.extract import Sample, mean_activations
+    from vllm_emosteer.vectors.vllm_capture import VllmExtractor
+
+    rng = np.random.default_rng(0)
+    batch = [Sample("joy", "emotional", f"q{i}", rng.integers(100, VOCAB, n).tolist(),
+                    rng.integers(100, VOCAB, m).tolist()) for i, (n, m) in enumerate([(3, 5), (20, 12), (70, 1), (9, 30)])]
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+    expected, _ = mean_activations(reference, batch, hook, 2, tqdm(disable=True))
+    engine = VllmExtractor(str(tiny_models[arch]), hook, dtype="float32", max_num_batched_tokens=64, max_num_seqs=4,
+                           max_model_len=256, block_size=32)
+    try:
+        means, _ = engine.capture(batch, hook, 4, tqdm(total=1, disable=True))
+    finally:
+        engine.shutdown()
+    torch.testing.assert_close(means, expected, rtol=1e-4, atol=1e-4)
