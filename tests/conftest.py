@@ -47,14 +47,15 @@ def _tiny_config(arch: str):
     raise ValueError(arch)
 
 
-def make_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A random-weight model of `arch` with the default model's tokenizer, saved as an HF folder."""
+def make_tiny_model(folder: Path, arch: str, tokenizer_dir: Path, seed: int = 0, config=None) -> Path:
+    """A random-weight model of `arch` (from `config`, or the fixtures' own) with the default model's tokenizer,
+    saved as an HF folder."""
     from transformers import AutoModelForCausalLM
 
     if (folder / "config.json").exists():
         return folder
     torch.manual_seed(seed)
-    config = _tiny_config(arch)
+    config = config or _tiny_config(arch)
     config.architectures = [arch]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init, so that tokens vary with the input
@@ -74,9 +75,10 @@ def make_tiny_bank(model_dir: Path, out: Path, hook: str = "attn_out", scale: fl
     from vllm_emosteer.vectors.bank import EmotionBank, model_facts
 
     config = AutoConfig.from_pretrained(model_dir)
+    layers = config.num_hidden_layers
     g = torch.Generator().manual_seed(seed)
-    vectors = torch.randn(TINY_LAYERS, len(EMOTIONS), TINY_HIDDEN, generator=g) * scale
-    bank = EmotionBank(vectors, EMOTIONS, hook, list(range(TINY_LAYERS)), model_facts(config, "tiny"))
+    vectors = torch.randn(layers, len(EMOTIONS), config.hidden_size, generator=g) * scale
+    bank = EmotionBank(vectors, EMOTIONS, hook, list(range(layers)), model_facts(config, "tiny"))
     bank.save(out)
     return bank
 

@@ -23,9 +23,9 @@ def shutdown(llm):
     gc.collect()
 
 
-def prompt(length, seed):
+def prompt(length, seed, vocab_size=40000):
     rng = random.Random(seed)
-    return TokensPrompt(prompt_token_ids=[rng.randrange(100, 40000) for _ in range(length)])
+    return TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab_size) for _ in range(length)])
 
 
 def params(extra=None, max_tokens=8, logprobs=1):

@@ -8,23 +8,6 @@ from engine_helpers import tiny_llm
 from vllm_emosteer.vectors.bank import EmotionBank
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen3(tmp_path_factory, default_model_dir):
-    from transformers import Qwen3Config
-
-    folder = tmp_path_factory.mktemp("qwen3")
-    config = Qwen3Config(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=64, vocab_size=49152, architectures=["Qwen3ForCausalLM"])
-    config.save_pretrained(folder)
-    return folder
-
-
-def test_unsupported_architecture_refused(tiny_qwen3, tmp_path):
-    vectors = EmotionBank(torch.randn(4, 1, 128), ["joy"], "attn_out", [0, 1, 2, 3]).save(tmp_path / "v.safetensors")
-    with pytest.raises(ValueError, match=r"cannot steer Qwen3ForCausalLM: supported architectures are"):
-        tiny_llm(tiny_qwen3, vectors)
-
-
 def test_mismatched_vectors_refused(tiny_llama, tmp_path):
     narrow = EmotionBank(torch.randn(4, 1, 64), ["joy"], "attn_out", [0, 1, 2, 3]).save(tmp_path / "n.safetensors")
     with pytest.raises(ValueError, match="vectors have hidden size 64, model has 128"):

@@ -1,9 +1,18 @@
-"""Where the steering add goes in each supported architecture, and the forward hooks that put it there.
+"""Where the steering add goes in a model, found from the model's structure, and the forward hooks that put it there.
 
 Hook points (the bank's `hook`):
-* attn_out: the output of each decoder layer's self-attention module, before the residual add (the paper's).
-* residual: the stream after the decoder layer. vLLM layers return (hidden, residual) whose sum is the
-  stream; adding to `residual` adds to the stream (and keeps vLLM's fused add-norm patterns intact).
+* attn_out: the output of each decoder layer's attention module (`self_attn`, `attn` or `attention`), before
+  anything the layer does with it (the paper's point). Extraction captures the same module's output, so the
+  offset lands where the vectors were measured, also where the layer then normalises the output (Gemma 2/3,
+  OLMo 2) or scales it (Granite's residual_multiplier).
+* residual: the stream after the decoder layer. A layer whose forward takes `residual` returns
+  (hidden, residual) whose sum is the stream (the next layer's fused add-norm adds them); the add goes into
+  `residual`, which keeps vLLM's fused add-norm patterns intact. A layer without it returns the stream itself.
+
+Support is decided by structure, not by name: decoder layers at `model.model.layers` (vLLM's convention, and
+its Transformers backend's), each with an attention module for attn_out, and hooked tensors of shape [T, H]
+(the Transformers backend's [1, T, H] is steered as [T, H]). What does not fit is refused at start-up (structure
+at load, shapes at the first forward) with one line naming the model class and what is missing.
 
 Hooks are registered after the weights load and before the first forward (profiling, compilation, graph
 capture), so torch.compile traces them into the graph.
@@ -11,64 +20,124 @@ capture), so torch.compile traces them into the graph.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM")
+ATTENTION_NAMES = ("self_attn", "attn", "attention")
 
 
 class UnsupportedModelError(ValueError):
     pass
 
 
-def check_architecture(architecture: str | None) -> None:
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"emosteer cannot steer {architecture}: supported architectures are {list(SUPPORTED_ARCHITECTURES)}"
-        )
-
-
 def local_decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """Decoder layers present on this rank, by model layer index (pipeline ranks hold a slice)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise UnsupportedModelError(f"cannot find the decoder layers of {type(model).__name__}")
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UnsupportedModelError(
+            f"emosteer cannot steer {type(model).__name__}: it has no decoder layers at model.model.layers"
+        )
+    inner = model.model
     start = getattr(inner, "start_layer", 0)
     end = getattr(inner, "end_layer", len(layers))
     return {i: layers[i] for i in range(start, end)}
 
 
-def _steer(output, runtime, row: int):
-    if runtime.options.mode == "naive":
-        runtime.naive_add(output, row)
-    elif torch.compiler.is_compiling():  # traced: the op, always, so that no host decision is frozen in a graph
-        torch.ops.emosteer.steer_add_(output, runtime.rows.gpu, runtime.coeff.gpu, runtime.bank, row)
-    else:  # an eager forward (or one captured into a CUDA graph without compilation): no dispatcher
-        runtime.steer_eager(output, row)
+def attention_module(layer: torch.nn.Module) -> torch.nn.Module | None:
+    for name in ATTENTION_NAMES:
+        module = getattr(layer, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
 
 
-def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dict[int, int]) -> list:
-    """Hook every local layer that has a bank row; returns the hook handles."""
+def returns_residual(layer: torch.nn.Module) -> bool:
+    """vLLM's pre-norm layers take the residual and return (hidden, residual); the others return the stream."""
+    return "residual" in inspect.signature(layer.forward).parameters
+
+
+def hook_targets(model: torch.nn.Module, hook: str, layer_indices, dtype: torch.dtype) -> dict[int, torch.nn.Module]:
+    """The module to hook for each local layer in `layer_indices`, or UnsupportedModelError naming what is missing."""
     layers = local_decoder_layers(model)
-    handles = []
-    for layer_index, row in rows_by_layer.items():
-        layer = layers.get(layer_index)
+    targets = {}
+    for index in layer_indices:
+        layer = layers.get(index)
         if layer is None:
             continue
-        if hook == "attn_out":
-            def after_attention(_module, _args, output, row=row):
-                if runtime.capture is not None:  # capture mode: the activation as the model made it
-                    runtime.capture.add(output[0] if isinstance(output, tuple) else output, row)
-                _steer(output[0] if isinstance(output, tuple) else output, runtime, row)
-                return output
+        if hook == "residual":
+            if dtype == torch.float16 and getattr(layer, "routed_scaling_factor", 1.0) != 1.0:
+                raise UnsupportedModelError(
+                    f"emosteer cannot steer {type(model).__name__} at residual in float16: its layers divide the "
+                    "residual stream by routed_scaling_factor (vLLM's float16 overflow guard), so the vectors "
+                    "would land at the wrong scale; use attn_out or bfloat16"
+                )
+            targets[index] = layer
+            continue
+        attention = attention_module(layer)
+        if attention is None:
+            raise UnsupportedModelError(
+                f"emosteer cannot steer {type(model).__name__} at attn_out: decoder layer {index} "
+                f"({type(layer).__name__}) has no attention module ({', '.join(ATTENTION_NAMES)})"
+            )
+        targets[index] = attention
+    return targets
 
-            handles.append(layer.self_attn.register_forward_hook(after_attention))
-        else:
-            def after_layer(_module, _args, output, row=row):
-                if runtime.capture is not None:  # the stream is hidden + residual
-                    runtime.capture.add(output[0] + output[1] if isinstance(output, tuple) else output, row)
-                _steer(output[1] if isinstance(output, tuple) else output, runtime, row)
-                return output
 
-            handles.append(layer.register_forward_hook(after_layer))
+def steered_tensor(output, hook: str, with_residual: bool, hidden_size: int, model_name: str) -> torch.Tensor:
+    """The [T, H] tensor of a hooked module's output that the offset goes into."""
+    if hook == "attn_out":  # vLLM's attention returns a tensor; a Transformers-backend one (output, weights)
+        x = output[0] if isinstance(output, tuple) else output
+        what = "attention output"
+    elif with_residual:
+        if not (isinstance(output, tuple) and len(output) == 2):
+            raise UnsupportedModelError(
+                f"emosteer cannot steer {model_name} at residual: a decoder layer that takes `residual` "
+                f"returned {type(output).__name__}, not (hidden, residual)"
+            )
+        x = output[1]
+        what = "residual"
+    else:
+        x = output
+        what = "decoder layer output"
+    if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] == 1:  # vLLM's Transformers backend
+        x = x[0]
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != hidden_size:
+        shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise UnsupportedModelError(
+            f"emosteer cannot steer {model_name} at {hook}: the {what} is {shape}, not [tokens, {hidden_size}]"
+        )
+    return x
+
+
+def _steer(x, runtime, row: int):
+    if runtime.options.mode == "naive":
+        runtime.naive_add(x, row)
+    elif torch.compiler.is_compiling():  # traced: the op, always, so that no host decision is frozen in a graph
+        torch.ops.emosteer.steer_add_(x, runtime.rows.gpu, runtime.coeff.gpu, runtime.bank, row)
+    else:  # an eager forward (or one captured into a CUDA graph without compilation): no dispatcher
+        runtime.steer_eager(x, row)
+
+
+def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dict[int, int],
+                  dtype: torch.dtype) -> list:
+    """Hook every local layer that has a bank row; returns the hook handles. Structure is checked here (at load)
+    and the hooked tensor's shape at every call; the plugin makes sure one forward runs at start-up."""
+    targets = hook_targets(model, hook, rows_by_layer, dtype)
+    layers = local_decoder_layers(model)
+    hidden_size = runtime.bank.shape[-1]
+    model_name = type(model).__name__
+    handles = []
+    for layer_index, module in targets.items():
+        with_residual = hook == "residual" and returns_residual(layers[layer_index])
+
+        def steer_output(_module, _args, output, row=rows_by_layer[layer_index], with_residual=with_residual):
+            x = steered_tensor(output, hook, with_residual, hidden_size, model_name)
+            if runtime.capture is not None:  # capture mode: the activation as the model made it (the whole stream)
+                runtime.capture.add(output[0] + x if with_residual else x, row)
+            _steer(x, runtime, row)
+            runtime.hooks_ran = True
+            return output
+
+        handles.append(module.register_forward_hook(steer_output))
     return handles

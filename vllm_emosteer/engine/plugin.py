@@ -14,6 +14,8 @@ It installs version-guarded wrappers on vLLM 0.32/0.33 classes. Each wrapper doe
 * WorkerBase.emosteer_update_set: the worker side of loading and unloading vector sets at run time.
 * V1 model runner (workers): load_model installs buffers and hooks; execute_model releases finished and
   preempted requests; _preprocess (real batches only) fills the per-token rows and copies them to the device.
+* Worker.compile_or_warm_up_model (workers): one dummy forward where start-up ran none (CPU, eager), so that the
+  hooks' shape check refuses a model at start.
   _preprocess runs inside `synchronize_input_prep`, the window in which vLLM may rewrite its reused pinned host
   buffers: with async scheduling, the next step waits there for this step's pending copies.
 """
@@ -83,14 +85,8 @@ def _patch_engine_args():
 
 
 def _check_engine_features(config, options) -> None:
-    from .hooks import check_architecture
     from .options import EmosteerConfigError
 
-    architectures = config.model_config.architectures or [None]
-    try:
-        check_architecture(architectures[0])
-    except ValueError as exc:
-        raise EmosteerConfigError(str(exc)) from None
     parallel = config.parallel_config
     problems = []
     if getattr(parallel, "enable_dbo", False):
@@ -250,7 +246,8 @@ def install_steering(runner) -> None:
     runtime.host_plan = runner.device.type == "cpu" or not _uses_cuda_graphs(runner.vllm_config)
     runtime.register_buffers(runner.get_model())
     rows = {options.sets.layers[row]: row for row in options.steered_rows()}
-    runtime.handles = install_hooks(runner.get_model(), runtime, options.sets.hook, rows)
+    runtime.handles = install_hooks(runner.get_model(), runtime, options.sets.hook, rows,
+                                    runner.vllm_config.model_config.dtype)
     if not runtime.handles and runner.vllm_config.parallel_config.pipeline_parallel_size == 1:
         raise RuntimeError("emosteer: no layer could be hooked; refusing to run unsteered")
     if runtime.capture is not None:
@@ -325,6 +322,32 @@ def _patch_v1_runner():
           make_prepare)
 
 
+def _patch_warm_up():
+    """After start-up's warm-up: where vLLM ran no forward (CPU, eager), run one dummy forward, so that hooked
+    tensors that are not [T, H] refuse the model now rather than at its first request."""
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.gpu_worker import Worker
+
+    def make(original):
+        def compile_or_warm_up_model(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            runtime = getattr(self.model_runner, "_emosteer", None)
+            if runtime is not None and runtime.handles and not runtime.hooks_ran:
+                self.model_runner._dummy_run(2)  # 2 tokens: a [T, 1, H] output must not pass as [1, T, H]
+            return result
+
+        return compile_or_warm_up_model
+
+    workers = [Worker]
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        workers.append(CPUWorker)
+    for cls in workers:
+        if "compile_or_warm_up_model" in cls.__dict__:
+            _wrap(cls, "compile_or_warm_up_model", make)
+
+
 def take_captures_on_worker(worker) -> dict:
     """The worker side of TAKE_CAPTURES: this rank's finished captures, as bytes (vLLM's RPC encoder does not
     round-trip nested tensors); tensor-parallel ranks other than 0 hold the same values and send nothing."""
@@ -384,6 +407,7 @@ def install() -> None:
     _patch_input_processor()
     _patch_openai_requests()
     _patch_v1_runner()
+    _patch_warm_up()
     _patch_worker()
     _patch_v2_runner()
     _installed = True

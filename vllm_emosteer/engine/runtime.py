@@ -68,6 +68,7 @@ class SteeringRuntime:
         self.capture = Capture(L, H, device) if options.capture else None  # capture mode (extraction)
         self.host_plan = False
         self.plan: StepPlan | None = None
+        self.hooks_ran = False  # a hooked forward has run (and checked the hooked tensors' shapes)
         # CPU host plan: each slot's offsets at every bank row, [slots, L, H] fp32, computed once when a request
         # gets the slot, so that a steered layer costs one small add (no per-step or per-layer matmul)
         self.slot_offsets: torch.Tensor | None = None

@@ -29,6 +29,7 @@ from importlib import resources
 import torch
 from tqdm.auto import tqdm
 
+from ..engine.hooks import ATTENTION_NAMES, attention_module
 from .bank import EmotionBank, model_facts
 from .pairs import Pair, PairsError, concepts_of
 
@@ -86,6 +87,7 @@ def load_questions() -> dict[str, list[str]]:
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
+    """transformers' decoder layers (`model.model.layers`, or a multimodal model's language model's)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None:
@@ -96,7 +98,13 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def hook_module(layer, hook: str) -> torch.nn.Module:
-    return layer.self_attn if hook == "attn_out" else layer
+    """The module whose output is captured: the attention module (found as the engine finds it) or the layer."""
+    if hook == "residual":
+        return layer
+    attention = attention_module(layer)
+    if attention is None:
+        raise ValueError(f"{type(layer).__name__} has no attention module ({', '.join(ATTENTION_NAMES)})")
+    return attention
 
 
 def extraction_questions() -> list[str]:
