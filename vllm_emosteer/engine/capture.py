@@ -48,7 +48,8 @@ class Capture:
         self.of_request: dict[str, tuple[int, str, int, int]] = {}  # req_id -> (pool row, key, from, norms_from)
         self.counts: dict[int, int] = {}
         self.norms: dict[int, list[dict[int, torch.Tensor]]] = {}  # pool row -> per step, per row: token norms
-        self.step: tuple | None = None  # this step's (token index, pool rows per token, norm index, norm pool rows)
+        # this step's token index and pool row per summed token, and per pool row the indices of its normed tokens
+        self.step: tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor]]] | None = None
         self.done: dict[str, dict] = {}
 
     def _admit(self, req_id: str, request) -> None:
@@ -82,23 +83,22 @@ class Capture:
         positions = np.repeat(num_computed, num_tokens_per_req) + query_pos[:total]
         summed = np.flatnonzero((slot >= 0) & (positions >= first))
         normed = np.flatnonzero((slot >= 0) & (positions >= norms_from))
-        for s in np.unique(slot[summed]):
-            self.counts[int(s)] += int((slot[summed] == s).sum())
-        self.step = tuple(torch.from_numpy(a.astype(np.int64)).to(self.device)
-                          for a in (summed, slot[summed], normed, slot[normed]))
-        self._normed_slots = slot[normed]
-        for s in np.unique(self._normed_slots):
+        for s, n in zip(*np.unique(slot[summed], return_counts=True)):
+            self.counts[int(s)] += int(n)
+        groups = []
+        for s in np.unique(slot[normed]):
             self.norms[int(s)].append({})
+            groups.append((int(s), torch.from_numpy(normed[slot[normed] == s]).to(self.device)))
+        self.step = (torch.from_numpy(summed).to(self.device), torch.from_numpy(slot[summed]).to(self.device), groups)
 
     def add(self, x: torch.Tensor, row: int) -> None:
         """Called by the hook of bank row `row` with the hooked activation [T, H] (before any steering)."""
         if self.step is None:
             return
-        index, slots, norm_index, norm_slots = self.step
+        index, slots, groups = self.step
         self.pool[:, row].index_add_(0, slots, x[index].float())
-        token_norms = x[norm_index].float().norm(dim=-1)
-        for s in np.unique(self._normed_slots):
-            self.norms[int(s)][-1][row] = token_norms[torch.from_numpy(self._normed_slots == s)].cpu()
+        for s, tokens in groups:
+            self.norms[s][-1][row] = x[tokens].float().norm(dim=-1).cpu()
 
     def restart(self, req_ids) -> None:
         """Preempted requests compute their prompt again from the start: drop what they had summed."""

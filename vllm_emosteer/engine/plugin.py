@@ -23,6 +23,7 @@ It installs version-guarded wrappers on vLLM 0.32/0.33 classes. Each wrapper doe
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import sys
@@ -274,7 +275,6 @@ def _prepare_step(runner) -> None:
 
 
 def _patch_v1_runner():
-    from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from .options import is_enabled
@@ -308,24 +308,28 @@ def _patch_v1_runner():
 
         return wrapper
 
-    runners = [GPUModelRunner]
-    if current_platform.is_cpu():
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-        runners.append(CPUModelRunner)
-    for cls in runners:
-        if "load_model" in cls.__dict__:
-            _wrap(cls, "load_model", make_load)
+    _wrap_where_defined(GPUModelRunner, "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "load_model", make_load)
     _wrap(GPUModelRunner, "execute_model", make_execute)
     # _preprocess runs last inside synchronize_input_prep (vLLM 0.32/0.33); _model_forward runs after it
     _wrap(GPUModelRunner, "_preprocess" if hasattr(GPUModelRunner, "_preprocess") else "_model_forward",
           make_prepare)
 
 
+def _wrap_where_defined(cuda_cls, cpu_module: str, cpu_name: str, name: str, make) -> None:
+    """Wrap `name` on the CUDA class and, on the CPU platform, on its CPU subclass where that overrides it."""
+    from vllm.platforms import current_platform
+
+    classes = [cuda_cls]
+    if current_platform.is_cpu():
+        classes.append(getattr(importlib.import_module(cpu_module), cpu_name))
+    for cls in classes:
+        if name in cls.__dict__:
+            _wrap(cls, name, make)
+
+
 def _patch_warm_up():
     """After start-up's warm-up: where vLLM ran no forward (CPU, eager), run one dummy forward, so that hooked
     tensors that are not [T, H] refuse the model now rather than at its first request."""
-    from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_worker import Worker
 
     def make(original):
@@ -338,14 +342,7 @@ def _patch_warm_up():
 
         return compile_or_warm_up_model
 
-    workers = [Worker]
-    if current_platform.is_cpu():
-        from vllm.v1.worker.cpu_worker import CPUWorker
-
-        workers.append(CPUWorker)
-    for cls in workers:
-        if "compile_or_warm_up_model" in cls.__dict__:
-            _wrap(cls, "compile_or_warm_up_model", make)
+    _wrap_where_defined(Worker, "vllm.v1.worker.cpu_worker", "CPUWorker", "compile_or_warm_up_model", make)
 
 
 def take_captures_on_worker(worker) -> dict:

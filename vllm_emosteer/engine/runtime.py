@@ -119,9 +119,7 @@ class SteeringRuntime:
         steps (a collective RPC); the front-end refuses it while requests that use the set are unfinished."""
         sets = self.options.sets
         if bank is None:
-            removed = sets.remove(name)
-            start = removed.block * sets.width
-            self.bank[:, start: start + sets.width].zero_()
+            self.bank[:, sets.columns(sets.remove(name).block)].zero_()
             return None
         vector_set = sets.add(name, bank, source)
         sets.write(self.bank, vector_set)

@@ -46,6 +46,7 @@ class VectorSets:
         self.hook = banks[0].hook
         self.hidden_size = banks[0].hidden_size
         self.layers = sorted({layer for bank in banks for layer in bank.layers})
+        self.row_of_layer = {layer: row for row, layer in enumerate(self.layers)}
         self.width = max(len(bank.emotions) for bank in banks)
         self.max_sets = max_sets
         self.num_model_layers = num_model_layers
@@ -112,11 +113,17 @@ class VectorSets:
         wanted = set(bank.layers) if bank is not None else set(self.layers)
         return [row for row, layer in enumerate(self.layers) if first <= layer <= last and layer in wanted]
 
+    def rows(self, bank: EmotionBank) -> list[int]:
+        """The device bank's row of each of the set's layers."""
+        return [self.row_of_layer[layer] for layer in bank.layers]
+
+    def columns(self, block: int) -> slice:
+        return slice(block * self.width, (block + 1) * self.width)
+
     def block_tensor(self, vector_set: VectorSet) -> torch.Tensor:
         """[len(layers), width, H]: the set's vectors at its layers' rows, zeros elsewhere."""
         block = torch.zeros(len(self.layers), self.width, self.hidden_size)
-        rows = [self.layers.index(layer) for layer in vector_set.bank.layers]
-        block[rows, : len(vector_set.bank.emotions)] = vector_set.bank.vectors
+        block[self.rows(vector_set.bank), : len(vector_set.bank.emotions)] = vector_set.bank.vectors
         return block
 
     def device_bank(self, device) -> torch.Tensor:
@@ -126,8 +133,7 @@ class VectorSets:
         return bank
 
     def write(self, bank: torch.Tensor, vector_set: VectorSet) -> None:
-        start = vector_set.block * self.width
-        bank[:, start: start + self.width].copy_(self.block_tensor(vector_set))
+        bank[:, self.columns(vector_set.block)].copy_(self.block_tensor(vector_set))
 
     def coefficients(self, spec: SteeringSpec) -> torch.Tensor:
         """[len(layers), max_sets * width]: what the request adds, offset_l = sum_c coeff[l, c] * bank[l, c]."""
@@ -139,10 +145,9 @@ class VectorSets:
             by_set.setdefault(owner, {})[emotion] = value
         for owner, intensities in by_set.items():
             vector_set = self.sets[owner]
-            rows = [self.layers.index(layer) for layer in vector_set.bank.layers]
-            start = vector_set.block * self.width
+            start = self.columns(vector_set.block).start
             part = vector_set.bank.coefficients(intensities, spec.raw, spec.layers)  # [L_set, E_set]
-            coeff[rows, start: start + part.shape[1]] = part
+            coeff[self.rows(vector_set.bank), start: start + part.shape[1]] = part
         return coeff
 
     def salt(self, spec: SteeringSpec) -> str:

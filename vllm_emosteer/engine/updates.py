@@ -121,8 +121,7 @@ class FrontEnd:
 
     def _allowed(self, action: str) -> None:
         if os.environ.get(ALLOW_ENV) != "1":
-            metrics.count_set_update(action, "refused")
-            raise SetUpdateError(f"runtime changes of vector sets are off; the operator turns them on with "
+            self._refuse(action, f"runtime changes of vector sets are off; the operator turns them on with "
                                  f"{ALLOW_ENV}=1", 403)
 
     def _refuse(self, action: str, message: str, status: int):
@@ -138,9 +137,8 @@ class FrontEnd:
             self._refuse(action, str(exc), 400)
         try:
             path = set_file(self.options.sets_dir, file)
-        except SetUpdateError:
-            metrics.count_set_update(action, "refused")
-            raise
+        except SetUpdateError as exc:
+            self._refuse(action, str(exc).removeprefix("emosteer: "), exc.status)
         try:
             bank = EmotionBank.load(path)
             bank.check_fits(self.hf_config)
