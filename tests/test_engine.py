@@ -7,6 +7,7 @@ import probes
 import pytest
 import torch
 from engine_helpers import params, prompt, tiny_llm, tokens_and_logprobs
+from vllm.inputs import TokensPrompt
 
 from vllm_emosteer import steer
 from vllm_emosteer.vectors.bank import EmotionBank
@@ -127,6 +128,9 @@ def test_abort_and_finish_leave_no_stale_state(llm):
     llm.generate([prompt(5, 1)], [params(max_tokens=1)])  # one more step: finished requests are released
     held = llm.apply_model(probes.steering_state)
     assert all(len(state) <= 1 for state in held), held
+    from vllm_emosteer.engine.updates import usage
+
+    assert usage.held() == 0, "the front-end still holds entries of aborted or finished requests"
 
 
 @pytest.mark.parametrize(
@@ -147,3 +151,70 @@ def test_bad_input_refused_before_scheduling_and_engine_keeps_serving(llm, extra
     assert not llm.llm_engine.has_unfinished_requests()
     out = llm.generate([good], [params(steer(joy=1.0))])[0]
     assert len(out.outputs[0].token_ids) == 8
+
+
+def test_next_turn_of_a_steered_chat_is_the_same_warm_or_cold(llm):
+    """Response mode: KV before a request's last prompt token is the unsteered model's, and shared as such; from
+    there on it is keyed by the spec and the position. The next turn of a chat (history + the steered answer + a
+    new question) then reads the history unsteered, cold or warm alike."""
+    spec = steer(joy=1.0, fear=0.5)
+    first = prompt(70, 41)  # blocks of 32: [0, 64) lie before the first steered position (69)
+    llm.reset_prefix_cache()
+    answer = llm.generate([first], [params(spec, max_tokens=40)])[0]
+    history = first["prompt_token_ids"] + list(answer.outputs[0].token_ids)
+    next_turn = TokensPrompt(prompt_token_ids=history + prompt(30, 42)["prompt_token_ids"])
+    warm = llm.generate([next_turn], [params(spec)])[0]
+    again = llm.generate([next_turn], [params(spec)])[0]
+    shared_prefix = TokensPrompt(prompt_token_ids=first["prompt_token_ids"] + prompt(10, 43)["prompt_token_ids"])
+    plain = llm.generate([shared_prefix], [params()])[0]
+    llm.reset_prefix_cache()
+    cold = llm.generate([next_turn], [params(spec)])[0]
+    plain_cold = llm.generate([shared_prefix], [params()])[0]
+    assert tokens_and_logprobs(warm) == tokens_and_logprobs(cold) == tokens_and_logprobs(again)
+    assert tokens_and_logprobs(plain) == tokens_and_logprobs(plain_cold)
+    assert warm.num_cached_tokens == 64, "only the first turn's blocks before its steered position are shared"
+    assert again.num_cached_tokens == 128, "a repeated turn reuses its own cache up to its last prompt token"
+    assert plain.num_cached_tokens == 64, "unsteered traffic shares a prefix that steered traffic computed"
+    assert cold.num_cached_tokens == 0 and plain_cold.num_cached_tokens == 64  # the cold turn's prefix, shared
+
+
+def test_a_client_cache_salt_never_shares_steered_kv(llm):
+    from vllm_emosteer.engine.prefix_cache import CACHE_KEY
+
+    from vllm_emosteer.engine.options import frontend_options
+    from vllm_emosteer.engine.spec import parse_steering
+
+    shared = prompt(100, 44)
+    extra = steer(joy=1.0, positions="all")
+    sets = frontend_options(llm.llm_engine.input_processor).sets
+    spec = parse_steering(extra, sets.limits)
+    llm.reset_prefix_cache()
+    steered = llm.generate([shared], [params(extra)])[0]
+    # salts a client could build from what the server publishes (set digests) and the spec
+    for forged in (f"emo-{sets.salt(spec)}-{spec.fingerprint()}", f"{sets.salt(spec)}-{spec.fingerprint()}"):
+        out = llm.generate([dict(shared, cache_salt=forged)], [params()])[0]
+        assert out.num_cached_tokens == 0
+        back = llm.generate([dict(shared, cache_salt=forged)], [params(extra)])[0]
+        assert back.num_cached_tokens == 0 and tokens_and_logprobs(back) == tokens_and_logprobs(steered)
+    with pytest.raises(ValueError, match="reserved"):
+        llm.generate([shared], [params({CACHE_KEY: ["x", "all"], "emotion": "joy"})])
+    with pytest.raises(ValueError, match="reserved"):
+        llm.generate([shared], [params({CACHE_KEY: ["x", "all"]})])
+
+
+def test_finished_requests_leave_nothing_in_the_front_end(llm):
+    from vllm_emosteer.engine.updates import usage
+
+    llm.generate([prompt(12, 500 + i) for i in range(100)],
+                 [params(steer(joy=0.1 * (i % 7 + 1)), max_tokens=2, logprobs=None) for i in range(100)])
+    assert usage.held() == 0
+
+
+def test_streaming_input_sessions_are_refused_when_steered(llm):
+    processor = llm.llm_engine.input_processor
+    with pytest.raises(ValueError, match="streaming-input sessions"):
+        processor.process_inputs("stream-1", prompt(10, 1), params(steer(joy=1.0)), supported_tasks=("generate",),
+                                 resumable=True)
+    request = processor.process_inputs("stream-2", prompt(10, 1), params(), supported_tasks=("generate",),
+                                       resumable=True)
+    assert request.resumable

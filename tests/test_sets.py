@@ -33,6 +33,11 @@ def sets_dir(tmp_path_factory, tiny_bank_path):
     concept_bank(folder / "small.safetensors", 8, hidden=TINY_HIDDEN // 2)
     concept_bank(folder / "residual.safetensors", 9, hook="residual")
     (folder / "corrupt.safetensors").write_bytes(b"not a safetensors file at all")
+    for name, field, value in (("nan", "calibration", {"pirate": float("nan")}), ("inf", "typical_norms", [1e999] * 4),
+                               ("words", "calibration", {"pirate": "high"})):
+        bank = concept_bank(folder / f"{name}.safetensors", 10)
+        setattr(bank, field, value)  # after the bank's own checks: what a hand-edited file could hold
+        bank.save(folder / f"{name}.safetensors")
     os.symlink(tiny_bank_path, folder / "escape.safetensors")
     return folder
 
@@ -171,6 +176,10 @@ def test_unload_is_refused_while_a_request_uses_the_set(llm, allowed):
     ("x", "small.safetensors", 400, "hidden size"),
     ("x", "residual.safetensors", 400, "hook 'residual'"),
     ("x", "wide.safetensors", 400, "hold at most 5"),
+    ("x", "nan.safetensors", 400, "calibration of pirate must be finite"),
+    ("x", "inf.safetensors", 400, "typical_norms must be finite"),
+    ("x", "words.safetensors", 400, "calibration of pirate must be a number"),
+    ("x", "x" * 300 + ".safetensors", 400, "cannot be opened in sets_dir"),
     ("bad name!", "style.safetensors", 400, "must be 1-64 letters"),
     ("style", "other.safetensors", 409, "replace: true"),
     ("nope", "other.safetensors", 404, None),  # replace of an unknown set
@@ -219,3 +228,40 @@ def test_a_start_set_that_does_not_fit_stops_the_engine(tiny_llama, tiny_bank_pa
         with pytest.raises(EmosteerConfigError, match=words):
             EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=256,
                        additional_config={"emosteer": {"vectors": vectors}}).create_engine_config()
+
+
+def engine_options(tiny_llama, vectors, **options):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_emosteer.engine.options import options_from_vllm_config
+
+    config = EngineArgs(model=str(tiny_llama), dtype="float32", max_model_len=256,
+                        additional_config={"emosteer": {"vectors": str(vectors), **options}}).create_engine_config()
+    return options_from_vllm_config(config)
+
+
+def test_layers_outside_the_hooked_ones_are_refused(tiny_llama, tiny_bank_path, tmp_path):
+    from vllm_emosteer.engine.options import EmosteerConfigError
+    from vllm_emosteer.engine.spec import parse_steering
+
+    limits = engine_options(tiny_llama, tiny_bank_path, layers=[1, 2]).limits
+    assert limits.sets["emotions"].hooked == (1, 2)
+    with pytest.raises(SteeringError, match="it steers layers 1-2"):
+        parse_steering(steer(joy=1.0, layers=(0, 3)), limits)
+    banded = EmotionBank.load(tiny_bank_path)
+    banded.bands = {"joy": [0, 3]}
+    banded.save(tmp_path / "banded.safetensors")
+    with pytest.raises(EmosteerConfigError, match="calibrated band of joy, layers 0-3, reaches layers this engine "
+                                                  "does not steer"):
+        engine_options(tiny_llama, tmp_path / "banded.safetensors", layers=[1, 2])
+
+
+def test_runtime_changes_are_refused_with_several_api_servers(tiny_llama, tiny_bank_path, sets_dir, allowed):
+    from vllm_emosteer.engine.updates import FrontEnd
+
+    options = engine_options(tiny_llama, tiny_bank_path, sets_dir=str(sets_dir), max_sets=2)
+    front = FrontEnd(options, None, None, api_servers=2)
+    for change in (lambda: front.begin_load("x", "style.safetensors", False), lambda: front.begin_unload("x")):
+        with pytest.raises(SetUpdateError, match="need one API server; this engine has 2") as refused:
+            change()
+        assert refused.value.status == 403

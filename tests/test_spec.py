@@ -82,3 +82,28 @@ def test_flat_options_without_an_emotion_are_refused(extra_args, parameter):
     with pytest.raises(SteeringError, match="given without any emotion") as info:
         parse_steering(extra_args, LIMITS)
     assert info.value.parameter == parameter
+
+
+def test_steer_raw_takes_what_the_flat_form_can_carry():
+    for value, raw in ((True, True), (1, True), ("true", True), ("FALSE", False), (0, False), (False, False)):
+        assert parse_steering({"emotion": "joy", "steer_raw": value}, LIMITS).raw is raw
+    with pytest.raises(SteeringError, match="true or false"):
+        parse_steering({"emotion": "joy", "steer_raw": 2}, LIMITS)
+    with pytest.raises(SteeringError, match="true or false"):
+        parse_steering(steer(joy=1.0) | {"emosteer": {"emotions": {"joy": 1.0}, "raw": 1}}, LIMITS)
+
+
+def test_a_huge_integer_intensity_is_a_steering_error():
+    with pytest.raises(SteeringError, match="finite") as info:
+        parse_steering({"emotion": "joy", "intensity": 10 ** 400}, LIMITS)
+    assert info.value.parameter == "intensity"
+
+
+def test_layers_the_engine_does_not_steer_are_refused():
+    hooked = SteeringLimits({"emotions": SetLimits(("joy", "fear"), hooked=tuple(range(20, 30)))}, num_layers=30,
+                            max_intensity=8.0, max_emotions=2)
+    assert parse_steering(steer(joy=1.0, layers=(20, 29)), hooked).layers == (20, 29)
+    for layers in ((0, 5), (15, 25)):
+        with pytest.raises(SteeringError, match="it steers layers 20-29") as info:
+            parse_steering(steer(joy=1.0, layers=layers), hooked)
+        assert info.value.parameter == "emosteer.layers"

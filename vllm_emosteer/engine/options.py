@@ -120,6 +120,15 @@ def is_enabled(vllm_config) -> bool:
     return isinstance(extra, dict) and CONFIG_KEY in extra
 
 
+def frontend_options(processor) -> EmosteerOptions:
+    """The options of a front-end (vLLM's InputProcessor), built once: its vector-set registry lives in them."""
+    options = getattr(processor, "_emosteer_options", None)
+    if options is None:
+        options = options_from_vllm_config(processor.vllm_config)
+        processor._emosteer_options = options
+    return options
+
+
 def options_from_vllm_config(vllm_config) -> EmosteerOptions:
     raw = vllm_config.additional_config[CONFIG_KEY]
     if raw is None:
@@ -130,13 +139,18 @@ def options_from_vllm_config(vllm_config) -> EmosteerOptions:
     if unknown:
         raise EmosteerConfigError(f"unknown emosteer options {unknown}; known: {list(OPTION_KEYS)}")
     hf_config = vllm_config.model_config.hf_config
+    sets_dir = raw.get("sets_dir")
+    if sets_dir is not None:
+        if not isinstance(sets_dir, str) or not Path(sets_dir).expanduser().is_dir():
+            raise EmosteerConfigError(f"emosteer.sets_dir must name an existing folder, got {sets_dir!r}")
+        sets_dir = Path(sets_dir).expanduser().resolve()
     capture = raw.get("capture")
     if capture is not None and capture not in HOOKS:
         raise EmosteerConfigError(f"emosteer.capture must be one of {list(HOOKS)}, got {capture!r}")
     if capture is not None and raw.get("vectors") is None:
         start = {"capture": (_zero_bank(hf_config, capture), "zero vectors (capture mode)")}
     else:
-        start = _start_sets(raw.get("vectors"), hf_config)
+        start = _start_sets(raw.get("vectors"), hf_config, sets_dir)
     if capture is not None and next(iter(start.values()))[0].hook != capture:
         raise EmosteerConfigError(f"emosteer.capture {capture!r} differs from the vectors' hook point")
 
@@ -165,11 +179,6 @@ def options_from_vllm_config(vllm_config) -> EmosteerOptions:
     mode = raw.get("mode", "fused")
     if mode not in MODES:
         raise EmosteerConfigError(f"emosteer.mode must be one of {list(MODES)}, got {mode!r}")
-    sets_dir = raw.get("sets_dir")
-    if sets_dir is not None:
-        if not isinstance(sets_dir, str) or not Path(sets_dir).expanduser().is_dir():
-            raise EmosteerConfigError(f"emosteer.sets_dir must name an existing folder, got {sets_dir!r}")
-        sets_dir = Path(sets_dir).expanduser().resolve()
     try:
         sets = VectorSets(start, max_sets, num_layers, layers, float(max_intensity), max_emotions, float(max_dose))
     except BankError as exc:
@@ -187,8 +196,17 @@ def _zero_bank(hf_config, hook: str) -> EmotionBank:
     return EmotionBank(zeros, ["none"], hook, list(range(facts["num_layers"])), facts)
 
 
-def _start_sets(vectors, hf_config) -> dict[str, tuple[EmotionBank, str]]:
-    """The vector sets named in the options (a single path is the set "emotions"), loaded and checked."""
+def shown_name(path: Path, sets_dir: Path | None) -> str:
+    """How clients see a server file: its path relative to sets_dir, else its file name (never a server path)."""
+    resolved = path.resolve()
+    if sets_dir is not None and resolved.is_relative_to(sets_dir):
+        return str(resolved.relative_to(sets_dir))
+    return path.name
+
+
+def _start_sets(vectors, hf_config, sets_dir: Path | None) -> dict[str, tuple[EmotionBank, str]]:
+    """The vector sets named in the options (a single path is the set "emotions"), loaded and checked; each with
+    the name clients see it by."""
     if vectors is None or isinstance(vectors, str):
         named = {DEFAULT_SET: vectors}
     elif isinstance(vectors, dict) and vectors and all(isinstance(p, str) for p in vectors.values()):
@@ -211,5 +229,5 @@ def _start_sets(vectors, hf_config) -> dict[str, tuple[EmotionBank, str]]:
         except BankError as exc:
             prefix = f"set {name!r}: " if len(named) > 1 else ""
             raise EmosteerConfigError(f"emosteer: {prefix}{exc}") from None
-        start[name] = (bank, str(path))
+        start[name] = (bank, shown_name(path, sets_dir))
     return start

@@ -46,10 +46,6 @@ def _wrap(cls, name: str, make):
     setattr(cls, name, wrapper)
 
 
-def combined_salt(user_salt: str | None, fingerprint: str) -> str:
-    return f"{user_salt}|emo-{fingerprint}" if user_salt else f"emo-{fingerprint}"
-
-
 # ---- front-end ---------------------------------------------------------------------------------------------
 def _patch_engine_args():
     from vllm.engine.arg_utils import EngineArgs
@@ -78,11 +74,20 @@ def _patch_engine_args():
                 raw = dict(config.additional_config[CONFIG_KEY] or {}, **{DIGEST_KEY: options.config_digest})
                 config.additional_config = dict(config.additional_config, **{CONFIG_KEY: raw})
                 logger.info("emosteer: steering enabled: %s", options.describe())
+                if "vllm.entrypoints.cli.main" in sys.modules and not routes_allowed(os.environ.get("VLLM_PLUGINS")):
+                    logger.warning("emosteer: steering is on, but its HTTP routes (/v1/emosteer, vector sets, the "
+                                   "playground) are not loaded: vLLM loads endpoint plugins only when VLLM_PLUGINS "
+                                   "names them; add emosteer to VLLM_PLUGINS, or start with `vllm-emosteer serve`")
             return config
 
         return create_engine_config
 
     _wrap(EngineArgs, "create_engine_config", make)
+
+
+def routes_allowed(vllm_plugins: str | None) -> bool:
+    """Whether vLLM loads the plugin's endpoint plugin under this VLLM_PLUGINS value."""
+    return vllm_plugins is not None and "emosteer" in [name.strip() for name in vllm_plugins.split(",")]
 
 
 def _check_engine_features(config, options) -> None:
@@ -114,21 +119,14 @@ def _uses_cuda_graphs(config) -> bool:
     return mode is not None and getattr(mode, "name", str(mode)) != "NONE"
 
 
-def frontend_options(processor):
-    options = getattr(processor, "_emosteer_options", None)
-    if options is None:
-        from .options import options_from_vllm_config
-
-        options = options_from_vllm_config(processor.vllm_config)
-        processor._emosteer_options = options
-    return options
-
-
 def _validate(processor, params):
     """The request's steering spec under this front-end's engine (None: unsteered), or a SteeringError."""
-    from .options import is_enabled
+    from .options import frontend_options, is_enabled
+    from .prefix_cache import CACHE_KEY
     from .spec import SteeringError, has_steering_args, parse_steering
 
+    if isinstance(params.extra_args, dict) and CACHE_KEY in params.extra_args:
+        raise SteeringError(f"{CACHE_KEY!r} is reserved for the emosteer plugin", CACHE_KEY)
     if is_enabled(processor.vllm_config):
         _validate_capture(frontend_options(processor), params.extra_args)
         return parse_steering(params.extra_args, frontend_options(processor).limits)
@@ -158,7 +156,9 @@ def _patch_input_processor():
     from vllm.v1.engine.output_processor import OutputProcessor
 
     from ..serving import metrics
-    from .options import is_enabled
+    from .options import frontend_options, is_enabled
+    from .prefix_cache import CACHE_KEY, cache_entry
+    from .spec import SteeringError
     from .updates import usage
 
     def make_init(original):
@@ -175,6 +175,9 @@ def _patch_input_processor():
             if isinstance(params, SamplingParams):
                 with usage.lock:  # atomic with a runtime unload's check (updates.py)
                     spec = _validate(self, params)
+                    if spec is not None and kwargs.get("resumable"):
+                        raise SteeringError("steering is not supported on streaming-input sessions (a request "
+                                            "that receives more input chunks)", "emosteer")
                     if spec is not None:
                         sets = frontend_options(self).sets
                         token = usage.hold(spec.set_names(sets.default.name))
@@ -187,7 +190,8 @@ def _patch_input_processor():
                 raise
             if spec is not None:
                 usage.attach(token, request)
-                request.cache_salt = combined_salt(request.cache_salt, f"{salt}-{spec.fingerprint()}")
+                params = request.sampling_params  # vLLM's copy: the caller's params may serve other prompts
+                params.extra_args = {**params.extra_args, CACHE_KEY: cache_entry(salt, spec)}
             if isinstance(params, SamplingParams) and is_enabled(self.vllm_config):
                 metrics.count_request(spec)
             return request
@@ -202,22 +206,38 @@ def _patch_input_processor():
 
         return add_request
 
+    def make_finish(original):
+        def _finish_request(self, req_state, *args, **kwargs):
+            result = original(self, req_state, *args, **kwargs)
+            usage.finished([req_state.request_id])
+            return result
+
+        return _finish_request
+
+    def make_abort(original):
+        def abort_requests(self, *args, **kwargs):
+            aborted = original(self, *args, **kwargs)
+            usage.finished(aborted or ())
+            return aborted
+
+        return abort_requests
+
     _wrap(InputProcessor, "__init__", make_init)
     _wrap(InputProcessor, "process_inputs", make)
     _wrap(OutputProcessor, "add_request", make_add)
+    _wrap(OutputProcessor, "_finish_request", make_finish)
+    _wrap(OutputProcessor, "abort_requests", make_abort)
 
 
 def _patch_openai_requests():
     """`vllm serve`: validate steering where vLLM turns a request into sampling parameters, before any response
     starts, so a streaming request with bad steering gets HTTP 400 like a non-streaming one (not 200 and an
     error event inside the stream). The engine's own check in process_inputs stays."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.sampling_params import SamplingParams
 
-    try:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    except ImportError:  # another vLLM layout: process_inputs still validates (streaming then errors in-stream)
-        return
+    from .spec import SteeringError, has_steering_args
 
     def make(original):
         def to_sampling_params(self, *args, **kwargs):
@@ -229,8 +249,35 @@ def _patch_openai_requests():
 
         return to_sampling_params
 
+    def make_beam(original):
+        def to_beam_search_params(self, *args, **kwargs):
+            if has_steering_args(getattr(self, "vllm_xargs", None)):  # beam search sends no extra_args
+                raise SteeringError("steering does not work with beam search; drop use_beam_search or the "
+                                    "steering fields", "use_beam_search", True)
+            return original(self, *args, **kwargs)
+
+        return to_beam_search_params
+
     for cls in (ChatCompletionRequest, CompletionRequest):
         _wrap(cls, "to_sampling_params", make)
+        _wrap(cls, "to_beam_search_params", make_beam)
+
+
+def _patch_prefix_cache_keys():
+    """Engine core: the steering key in the block hashes of steered requests (prefix_cache.py). Wrapped in every
+    module that took the function by name, so that hashes and KV events agree."""
+    from .prefix_cache import with_steering_keys
+
+    for name in ("vllm.v1.core.kv_cache_utils", "vllm.v1.core.block_pool", "vllm.v1.simple_kv_offload.manager"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            if name == "vllm.v1.core.kv_cache_utils":
+                raise
+            continue
+        function = getattr(module, "generate_block_hash_extra_keys", None)
+        if function is not None and not getattr(function, "_emosteer_wrapped", False):
+            module.generate_block_hash_extra_keys = with_steering_keys(function)
 
 
 # ---- workers -----------------------------------------------------------------------------------------------
@@ -403,6 +450,7 @@ def install() -> None:
     _patch_engine_args()
     _patch_input_processor()
     _patch_openai_requests()
+    _patch_prefix_cache_keys()
     _patch_v1_runner()
     _patch_warm_up()
     _patch_worker()

@@ -23,7 +23,7 @@ from ..vectors.bank import EmotionBank
 from .capture import Capture
 from .ops import steer_add_eager
 from .options import EmosteerOptions
-from .spec import SteeringError, SteeringSpec, parse_steering
+from .spec import SteeringSpec, first_steered_position, parse_steering
 
 logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
 UNSTEERED = -1
@@ -93,25 +93,29 @@ class SteeringRuntime:
             if slot != UNSTEERED:
                 self.free_slots.append(slot)
 
-    def _spec_of(self, req_id: str, request) -> SteeringSpec | None:
+    def _coefficients_of(self, req_id: str, request) -> tuple[SteeringSpec, np.ndarray] | None:
+        """The request's spec and its coefficients; None when unsteered. The front-end validated the spec: if it
+        fails here anyway, the request is left unsteered with an error in the log, and the worker keeps running."""
         params = getattr(request, "sampling_params", None)
         try:
-            return parse_steering(getattr(params, "extra_args", None), self.options.limits)
-        except SteeringError as exc:  # the front-end validated it; never raise inside the worker
-            logger.error("emosteer: request %s left unsteered, invalid spec reached the worker: %s", req_id, exc)
+            spec = parse_steering(getattr(params, "extra_args", None), self.options.limits)
+            return None if spec is None else (spec, self.options.sets.coefficients(spec).numpy())
+        except Exception as exc:  # noqa: BLE001  nothing a request holds may raise inside the worker
+            logger.error("emosteer: request %s left UNSTEERED: its steering failed in the worker: %s", req_id, exc)
             return None
 
     def _admit(self, req_id: str, request, scheduled: set[str]) -> None:
-        spec = self._spec_of(req_id, request)
-        if spec is None:
+        steering = self._coefficients_of(req_id, request)
+        if steering is None:
             self.slot_of[req_id] = UNSTEERED
             return
+        spec, coefficients = steering
         if not self.free_slots:  # slots of requests that are not in this batch are reclaimed
             self.forget([r for r in list(self.slot_of) if r not in scheduled])
         slot = self.free_slots.pop()
         self.slot_of[req_id] = slot
-        self.coeff.np[slot] = self.options.sets.coefficients(spec).numpy()
-        self.start_of_slot[slot] = 0 if spec.positions == "all" else max(request.num_prompt_tokens - 1, 0)
+        self.coeff.np[slot] = coefficients
+        self.start_of_slot[slot] = first_steered_position(spec.positions, request.num_prompt_tokens)
         self.coeff_dirty = True
 
     def update_set(self, name: str, bank: EmotionBank | None, source: str = "") -> str | None:

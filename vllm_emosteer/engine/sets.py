@@ -75,9 +75,15 @@ class VectorSets:
         if len(bank.emotions) > self.width:
             raise BankError(f"set {name!r} has {len(bank.emotions)} rows; this engine's sets hold at most "
                             f"{self.width} (the widest set at start)")
-        if not self.steered_rows(bank):
+        hooked = self.steered_layers(bank)
+        if not hooked:
             raise BankError(f"set {name!r} has none of its layers {bank.layers} in the steered range "
                             f"{self.layer_range}")
+        for emotion, (first, last) in bank.bands.items():
+            if not hooked[0] <= first <= last <= hooked[-1]:
+                raise BankError(f"set {name!r}: the calibrated band of {emotion}, layers {first}-{last}, reaches "
+                                f"layers this engine does not steer (it steers {hooked[0]}-{hooked[-1]}: engine "
+                                "option layers and the vectors' layers)")
 
     def free_block(self) -> int | None:
         used = {s.block for s in self.sets.values()}
@@ -112,6 +118,10 @@ class VectorSets:
         first, last = self.layer_range or (0, self.num_model_layers - 1)
         wanted = set(bank.layers) if bank is not None else set(self.layers)
         return [row for row, layer in enumerate(self.layers) if first <= layer <= last and layer in wanted]
+
+    def steered_layers(self, bank: EmotionBank) -> list[int]:
+        """The model layers where the set's vectors are added."""
+        return [self.layers[row] for row in self.steered_rows(bank)]
 
     def rows(self, bank: EmotionBank) -> list[int]:
         """The device bank's row of each of the set's layers."""
@@ -165,8 +175,9 @@ class VectorSets:
 
     def _set_limits(self, bank: EmotionBank) -> SetLimits:
         per_alpha = bank.dose_per_alpha()
+        hooked = tuple(self.steered_layers(bank))
         if per_alpha is None:
-            return SetLimits(tuple(bank.emotions))
+            return SetLimits(tuple(bank.emotions), hooked=hooked)
         first, last = self.layer_range or (0, self.num_model_layers - 1)
         rows = [row for row, layer in enumerate(bank.layers) if first <= layer <= last]
         doses = []
@@ -174,7 +185,7 @@ class VectorSets:
             raw = float(per_alpha[rows, e].max())
             calibrated = bank.scale(emotion) * (1.0 if bank.units == "dose" else raw)
             doses.append((emotion, abs(calibrated), raw))
-        return SetLimits(tuple(bank.emotions), self.max_dose, tuple(doses))
+        return SetLimits(tuple(bank.emotions), self.max_dose, tuple(doses), hooked)
 
     def describe(self) -> list[dict]:
         return [{"name": s.name, "emotions": s.bank.emotions, "layers": s.bank.layers, "units": s.bank.units,

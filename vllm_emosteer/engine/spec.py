@@ -29,6 +29,7 @@ POSITION_MODES = ("response", "all")
 FLAT_KEYS = ("emotion", "intensity", "emotions", "intensities", "steer_positions", "steer_layers", "steer_raw",
              "steer_set")
 NESTED_KEYS = ("emotions", "positions", "layers", "raw", "set")
+FLAT_BOOLS = {1: True, 0: False, "true": True, "false": False}  # what steer_raw may be in the flat form
 
 
 class SteeringError(VLLMValidationError, ValueError):
@@ -45,6 +46,7 @@ class SetLimits:
     emotions: tuple[str, ...]
     max_dose: float | None = None  # None: the vectors file records no typical norms, so doses are unknown
     doses: tuple[tuple[str, float, float], ...] = ()  # (emotion, max dose per intensity, per raw alpha)
+    hooked: tuple[int, ...] = ()  # the model layers where this set steers (empty: not known, not checked)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,12 @@ class SteeringSpec:
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def first_steered_position(positions: str, num_prompt_tokens: int) -> int:
+    """The first position a request's steering touches: the last prompt token in "response" mode, else 0. KV
+    before it is the unsteered model's (engine core: prefix-cache keys; workers: which tokens get the offset)."""
+    return 0 if positions == "all" else max(num_prompt_tokens - 1, 0)
+
+
 def _fail(message: str, parameter: str, value=None):
     raise SteeringError(message, parameter, value)
 
@@ -96,7 +104,10 @@ def _fail(message: str, parameter: str, value=None):
 def _number(value, parameter: str, limits: SteeringLimits) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(f"{parameter} must be a number, got {type(value).__name__} {value!r}", parameter, value)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float
+        value = math.inf
     if not math.isfinite(value):
         _fail(f"{parameter} must be finite, got {value}", parameter, value)
     if abs(value) > limits.max_intensity:
@@ -251,12 +262,22 @@ def parse_steering(extra_args, limits: SteeringLimits) -> SteeringSpec | None:
 
     if raw is None:
         raw = False
+    if "emosteer" not in extra_args and isinstance(raw, (int, str)):  # vllm_xargs has no bool: true arrives as 1
+        raw = FLAT_BOOLS.get(raw.lower() if isinstance(raw, str) else raw, raw)
     if not isinstance(raw, bool):
         _fail(f"{names['raw']} must be true or false, got {raw!r}", names["raw"], raw)
 
     active = tuple(sorted((e, v) for e, v in intensities.items() if v != 0.0))
     if not active:
         return None
+    if layers is not None:
+        for owner in sorted({split_name(e, limits.default_set)[0] for e, _ in active}):
+            hooked = limits.sets[owner].hooked
+            if hooked and not hooked[0] <= layers[0] <= layers[1] <= hooked[-1]:
+                where = "" if owner == limits.default_set else f" for set {owner!r}"
+                _fail(f"{names['layers']} {list(layers)} reaches layers this engine does not steer{where}; it "
+                      f"steers layers {hooked[0]}-{hooked[-1]} (engine option layers and the vectors' layers)",
+                      names["layers"], list(layers))
     for emotion, value in active:
         owner, plain = split_name(emotion, limits.default_set)
         set_limits = limits.sets[owner]

@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
 import threading
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,25 +46,40 @@ class SetUsage:
     """Which unfinished requests of this front-end use which sets (None: the default set).
 
     A request counts from its validation (process_inputs, maybe on a tokenizer thread) until the output
-    processor forgets it (finished or aborted); validation and the unload check take the same lock."""
+    processor finishes or aborts it; validation and the unload check take the same lock. Nothing outlives its
+    request: a validated request that never reaches the output processor stops counting after PENDING_TTL_S."""
 
     def __init__(self):
         self.lock = threading.RLock()
         self._tokens = itertools.count()
-        self.pending: dict[int, tuple[frozenset, float]] = {}  # validated, not yet in the output processor
+        # validated, not yet in the output processor: token -> (sets, time, id of its EngineCoreRequest or None)
+        self.pending: OrderedDict[int, tuple[frozenset, float, int | None]] = OrderedDict()
         self.by_request: dict[int, int] = {}  # id(EngineCoreRequest) -> its pending token
         self.in_flight: dict[str, frozenset] = {}  # internal request id -> sets
+
+    def _expire(self, now: float) -> None:
+        while self.pending:
+            token, (_, since, request_key) = next(iter(self.pending.items()))
+            if now - since < PENDING_TTL_S:
+                return
+            del self.pending[token]
+            self.by_request.pop(request_key, None)
 
     def hold(self, sets) -> int:
         """Count a request just validated (call under `lock`, with the validation)."""
         with self.lock:
+            now = time.monotonic()
+            self._expire(now)
             token = next(self._tokens)
-            self.pending[token] = (frozenset(sets), time.monotonic())
+            self.pending[token] = (frozenset(sets), now, None)
             return token
 
     def attach(self, token: int, request) -> None:
         with self.lock:
-            self.by_request[id(request)] = token
+            if token in self.pending:
+                sets, since, _ = self.pending[token]
+                self.pending[token] = (sets, since, id(request))
+                self.by_request[id(request)] = token
 
     def release(self, token: int) -> None:
         with self.lock:
@@ -77,15 +95,24 @@ class SetUsage:
             if sets:
                 self.in_flight[request.request_id] = frozenset(sets)
 
+    def finished(self, request_ids) -> None:
+        """The output processor finished or aborted these requests."""
+        with self.lock:
+            for request_id in request_ids:
+                self.in_flight.pop(request_id, None)
+
+    def held(self) -> int:
+        """How many entries this front-end holds (all of them belong to unfinished requests)."""
+        with self.lock:
+            return len(self.pending) + len(self.by_request) + len(self.in_flight)
+
     def users(self, name: str, default: str, live) -> int:
         """Unfinished requests that use set `name`; `live`: the output processor's unfinished request ids."""
         match = {name, None} if name == default else {name}
-        now = time.monotonic()
         with self.lock:
-            self.pending = {t: v for t, v in self.pending.items() if now - v[1] < PENDING_TTL_S}
-            self.in_flight = {r: s for r, s in self.in_flight.items() if r in live}
-            return (sum(1 for sets, _ in self.pending.values() if sets & match)
-                    + sum(1 for sets in self.in_flight.values() if sets & match))
+            self._expire(time.monotonic())
+            return (sum(1 for sets, _, _ in self.pending.values() if sets & match)
+                    + sum(1 for r, sets in self.in_flight.items() if sets & match and r in live))
 
 
 usage = SetUsage()
@@ -99,21 +126,28 @@ def set_file(sets_dir: Path | None, file) -> Path:
     if not isinstance(file, str) or not file:
         raise SetUpdateError(f"'file' must be a path relative to sets_dir, got {file!r}", 400)
     relative = Path(file)
-    if relative.is_absolute() or ".." in relative.parts:
+    if relative.is_absolute() or ".." in relative.parts or "\0" in file:
         raise SetUpdateError(f"'file' must be a path inside sets_dir without '..', got {file!r}", 400)
-    path = (sets_dir / relative).resolve()
-    if not path.is_relative_to(sets_dir):
-        raise SetUpdateError(f"'file' {file!r} leads outside sets_dir (a symlink?)", 400)
-    if not path.is_file():
+    try:
+        path = (sets_dir / relative).resolve()
+        if not path.is_relative_to(sets_dir):
+            raise SetUpdateError(f"'file' {file!r} leads outside sets_dir (a symlink?)", 400)
+        found = path.is_file()
+    except OSError as exc:  # a name too long for the file system, a loop of symlinks, ...
+        raise SetUpdateError(f"'file' {file[:80]!r} cannot be opened in sets_dir ({exc.strerror or exc})", 400) \
+            from None
+    if not found:
         raise SetUpdateError(f"no file {file!r} in sets_dir", 404)
     return path
 
 
 class FrontEnd:
-    """One front-end's view: its options (registry), its output processor and its model config."""
+    """One front-end's view: its options (registry), its output processor, its model config and how many API
+    servers share the engine (each has its own registry)."""
 
-    def __init__(self, options, output_processor, hf_config):
+    def __init__(self, options, output_processor, hf_config, api_servers: int = 1):
         self.options, self.output_processor, self.hf_config = options, output_processor, hf_config
+        self.api_servers = api_servers
 
     @property
     def sets(self):
@@ -123,12 +157,17 @@ class FrontEnd:
         if os.environ.get(ALLOW_ENV) != "1":
             self._refuse(action, f"runtime changes of vector sets are off; the operator turns them on with "
                                  f"{ALLOW_ENV}=1", 403)
+        if self.api_servers > 1:
+            self._refuse(action, f"runtime changes of vector sets need one API server; this engine has "
+                                 f"{self.api_servers} (--api-server-count), whose registries would disagree", 403)
 
     def _refuse(self, action: str, message: str, status: int):
         metrics.count_set_update(action, "refused")
         raise SetUpdateError(message, status)
 
     def begin_load(self, name, file, replace: bool) -> tuple[EmotionBank, str]:
+        """Check a load and read its file (slow for a large file: the async API runs it on a thread); returns the
+        bank and the name it is shown by (its path relative to sets_dir)."""
         action = "replace" if replace else "load"
         self._allowed(action)
         try:
@@ -140,7 +179,7 @@ class FrontEnd:
         except SetUpdateError as exc:
             self._refuse(action, str(exc).removeprefix("emosteer: "), exc.status)
         try:
-            bank = EmotionBank.load(path)
+            bank = EmotionBank.load(path, name=file)
             bank.check_fits(self.hf_config)
             self.sets.check(name, bank)
         except BankError as exc:
@@ -155,7 +194,7 @@ class FrontEnd:
             elif len(set(self.sets.sets) | self.sets.busy) >= self.sets.max_sets:
                 self._refuse(action, f"no room: all {self.sets.max_sets} sets are loaded (option max_sets)", 409)
             self.sets.set_busy(name, True)
-        return bank, str(path)
+        return bank, file
 
     def _check_unused(self, action: str, name: str) -> None:
         if name not in self.sets.sets:
@@ -164,14 +203,6 @@ class FrontEnd:
         if users:
             self._refuse(action, f"set {name!r} is used by {users} unfinished request(s); retry when they finish",
                          409)
-
-    def commit_load(self, name: str, bank: EmotionBank, source: str, replace: bool) -> dict:
-        with usage.lock:
-            self.sets.add(name, bank, source)
-            self.sets.set_busy(name, False)
-        metrics.count_set_update("replace" if replace else "load", "ok")
-        metrics.SETS_LOADED.set(len(self.sets.sets))
-        return next(s for s in self.sets.describe() if s["name"] == name)
 
     def begin_unload(self, name) -> None:
         self._allowed("unload")
@@ -183,17 +214,32 @@ class FrontEnd:
                 self._refuse("unload", f"{name!r} is the default set; it can be replaced, not unloaded", 409)
             self.sets.set_busy(name, True)
 
-    def commit_unload(self, name: str) -> None:
-        with usage.lock:
-            self.sets.remove(name)
-            self.sets.set_busy(name, False)
-        metrics.count_set_update("unload", "ok")
-        metrics.SETS_LOADED.set(len(self.sets.sets))
+    @contextmanager
+    def changing(self, name: str, action: str):
+        """Around the workers' RPC of a change begun above: on any failure the set is no longer busy, the
+        registry is unchanged, the failure is counted, and the caller gets a SetUpdateError (503)."""
+        try:
+            yield
+        except BaseException as exc:
+            with usage.lock:
+                self.sets.set_busy(name, False)
+            metrics.count_set_update(action, "failed")
+            if isinstance(exc, Exception):
+                raise SetUpdateError(f"{action} of set {name!r} failed in the engine: {type(exc).__name__}: {exc}",
+                                     503) from exc
+            raise
 
-    def abort(self, name: str, action: str) -> None:
+    def commit(self, name: str, action: str, bank: EmotionBank | None = None, source: str = "") -> dict | None:
+        """The workers hold the change: the registry takes it (bank None: unloaded)."""
         with usage.lock:
+            if bank is None:
+                self.sets.remove(name)
+            else:
+                self.sets.add(name, bank, source)
             self.sets.set_busy(name, False)
-        metrics.count_set_update(action, "failed")
+        metrics.count_set_update(action, "ok")
+        metrics.SETS_LOADED.set(len(self.sets.sets))
+        return None if bank is None else next(s for s in self.sets.describe() if s["name"] == name)
 
 
 def rpc_args(name: str, bank: EmotionBank | None, source: str = "") -> tuple:
@@ -203,62 +249,54 @@ def rpc_args(name: str, bank: EmotionBank | None, source: str = "") -> tuple:
     return (name, bank.vectors.numpy().tobytes(), json.dumps(bank.metadata()), source)
 
 
-def _front_end_of(engine) -> FrontEnd:
+def front_end_of(engine) -> FrontEnd:
     """`engine`: an `LLM`, an `LLMEngine` or an `AsyncLLM` (vLLM's engine client in `vllm serve`)."""
-    from .options import is_enabled
-    from .plugin import frontend_options
+    from .options import frontend_options, is_enabled
 
     engine = getattr(engine, "llm_engine", engine)
     processor = engine.input_processor
-    if not is_enabled(processor.vllm_config):
+    config = processor.vllm_config
+    if not is_enabled(config):
         raise SetUpdateError("steering is not enabled on this engine", 404)
-    return FrontEnd(frontend_options(processor), engine.output_processor, processor.vllm_config.model_config.hf_config)
+    return FrontEnd(frontend_options(processor), engine.output_processor, config.model_config.hf_config,
+                    getattr(config.parallel_config, "_api_process_count", 1))
 
 
 def load_set(llm, name: str, file: str, replace: bool = False) -> dict:
     """Load the vector set `file` (relative to the engine's sets_dir) as `name`; returns its description."""
-    front = _front_end_of(llm)
+    front = front_end_of(llm)
     bank, source = front.begin_load(name, file, replace)
-    try:
+    action = "replace" if replace else "load"
+    with front.changing(name, action):
         llm.collective_rpc(RPC_METHOD, args=rpc_args(name, bank, source))
-    except BaseException:
-        front.abort(name, "replace" if replace else "load")
-        raise
-    return front.commit_load(name, bank, source, replace)
+    return front.commit(name, action, bank, source)
 
 
 def unload_set(llm, name: str) -> None:
     """Unload the vector set `name`; refused while unfinished requests use it."""
-    front = _front_end_of(llm)
+    front = front_end_of(llm)
     front.begin_unload(name)
-    try:
+    with front.changing(name, "unload"):
         llm.collective_rpc(RPC_METHOD, args=rpc_args(name, None))
-    except BaseException:
-        front.abort(name, "unload")
-        raise
-    front.commit_unload(name)
+    front.commit(name, "unload")
 
 
 async def load_set_async(engine_client, name: str, file: str, replace: bool = False) -> dict:
-    front = _front_end_of(engine_client)
-    bank, source = front.begin_load(name, file, replace)
-    try:
+    """`load_set` for vLLM's async engine client; the file is read on a thread, off the event loop."""
+    front = front_end_of(engine_client)
+    bank, source = await asyncio.to_thread(front.begin_load, name, file, replace)
+    action = "replace" if replace else "load"
+    with front.changing(name, action):
         await engine_client.collective_rpc(RPC_METHOD, args=rpc_args(name, bank, source))
-    except BaseException:
-        front.abort(name, "replace" if replace else "load")
-        raise
-    return front.commit_load(name, bank, source, replace)
+    return front.commit(name, action, bank, source)
 
 
 async def unload_set_async(engine_client, name: str) -> None:
-    front = _front_end_of(engine_client)
+    front = front_end_of(engine_client)
     front.begin_unload(name)
-    try:
+    with front.changing(name, "unload"):
         await engine_client.collective_rpc(RPC_METHOD, args=rpc_args(name, None))
-    except BaseException:
-        front.abort(name, "unload")
-        raise
-    front.commit_unload(name)
+    front.commit(name, "unload")
 
 
 def update_set_on_worker(worker, name: str, vectors, metadata: str | None, source: str) -> str | None:

@@ -12,11 +12,14 @@ start the server with `VLLM_PLUGINS=emosteer` (the name also allows the general 
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .playground import attach_playground
 
+logger = logging.getLogger("vllm.emosteer")
 ROUTE = "/v1/emosteer"
 NOT_ENABLED = {"enabled": False, "message": "steering is not enabled on this server; start it with "
                "--additional-config '{\"emosteer\": {}}'"}
@@ -28,6 +31,18 @@ def _error(status: int, message: str, parameter: str | None = None) -> JSONRespo
     return JSONResponse(body, status_code=status)
 
 
+def _failure(exc: Exception, action: str) -> JSONResponse:
+    """A refused change (SetUpdateError: its own status), or an unexpected failure: 500, logged and counted."""
+    from ..engine.updates import SetUpdateError
+    from . import metrics
+
+    if isinstance(exc, SetUpdateError):
+        return _error(exc.status, str(exc))
+    logger.exception("emosteer: %s of a vector set failed", action)
+    metrics.count_set_update(action, "failed")
+    return _error(500, f"emosteer: {action} failed: {type(exc).__name__}: {exc}")
+
+
 class EmosteerEndpoint:
     name = "emosteer"
     required_tasks = ("generate",)
@@ -35,18 +50,19 @@ class EmosteerEndpoint:
     def __init__(self):
         self.engine_client = None
         self.options = None
+        self.api_servers = 1
 
     def attach_router(self, app: FastAPI) -> None:
         @app.get(ROUTE)
         async def emosteer_info():
             if self.options is None:
                 return JSONResponse(NOT_ENABLED, status_code=404)
-            return JSONResponse({"enabled": True, "runtime_updates": _runtime_updates(self.options),
+            return JSONResponse({"enabled": True, "runtime_updates": _runtime_updates(self),
                                  **self.options.describe()})
 
         @app.post(ROUTE + "/sets")
         async def load_set(request: Request):
-            from ..engine.updates import SetUpdateError, load_set_async
+            from ..engine.updates import load_set_async
 
             if self.options is None:
                 return JSONResponse(NOT_ENABLED, status_code=404)
@@ -61,20 +77,20 @@ class EmosteerEndpoint:
             try:
                 described = await load_set_async(self.engine_client, body.get("name"), body.get("file"),
                                                  body.get("replace", False))
-            except SetUpdateError as exc:
-                return _error(exc.status, str(exc))
+            except Exception as exc:  # noqa: BLE001  a failure of ours is a 5xx with its reason, never a crash
+                return _failure(exc, "load")
             return JSONResponse(described)
 
         @app.delete(ROUTE + "/sets/{name}")
         async def unload_set(name: str):
-            from ..engine.updates import SetUpdateError, unload_set_async
+            from ..engine.updates import unload_set_async
 
             if self.options is None:
                 return JSONResponse(NOT_ENABLED, status_code=404)
             try:
                 await unload_set_async(self.engine_client, name)
-            except SetUpdateError as exc:
-                return _error(exc.status, str(exc))
+            except Exception as exc:  # noqa: BLE001
+                return _failure(exc, "unload")
             return JSONResponse({"unloaded": name})
 
         attach_playground(app, self.refusal)
@@ -84,20 +100,23 @@ class EmosteerEndpoint:
         return JSONResponse(NOT_ENABLED, status_code=404) if self.options is None else None
 
     async def init_state(self, engine_client, state, args) -> None:
-        from ..engine.options import is_enabled
-        from ..engine.plugin import frontend_options
+        from ..engine.options import frontend_options, is_enabled
         from . import metrics
 
         processor = getattr(engine_client, "input_processor", None)
         if processor is not None and is_enabled(processor.vllm_config):
             self.engine_client = engine_client
             self.options = frontend_options(processor)
+            self.api_servers = getattr(processor.vllm_config.parallel_config, "_api_process_count", 1)
             metrics.SETS_LOADED.set(len(self.options.sets.sets))
 
 
-def _runtime_updates(options) -> bool:
+def _runtime_updates(endpoint: EmosteerEndpoint) -> dict:
+    """What a client may change at run time: loads need the flag and sets_dir, unloads only the flag; neither
+    with several API servers."""
     import os
 
     from ..engine.updates import ALLOW_ENV
 
-    return os.environ.get(ALLOW_ENV) == "1" and options.sets_dir is not None
+    allowed = os.environ.get(ALLOW_ENV) == "1" and endpoint.api_servers == 1
+    return {"load": allowed and endpoint.options.sets_dir is not None, "unload": allowed}

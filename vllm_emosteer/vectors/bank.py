@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import operator
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -62,6 +64,36 @@ def model_facts(config, name: str | None = None) -> dict:
     }
 
 
+def _listed(value, what: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise BankError(f"{what} must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _integer(value, what: str, whole) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)  # int, numpy and 0-d torch integers; never a float or a string
+    except TypeError:
+        raise BankError(f"{what} must be integers, got {whole!r}") from None
+
+
+def _finite(value, what: str) -> float:
+    """Every number a vectors file holds is checked (JSON allows NaN and Infinity)."""
+    try:
+        if isinstance(value, (bool, str, bytes)) or value is None:
+            raise TypeError
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    except (TypeError, ValueError):
+        raise BankError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise BankError(f"{what} must be finite, got {value!r}")
+    return number
+
+
 @dataclass
 class EmotionBank:
     vectors: torch.Tensor  # [L, E, H] float32
@@ -79,9 +111,17 @@ class EmotionBank:
     bands: dict[str, list[int]] = field(default_factory=dict)  # emotion -> [first, last] layers it steers by default
 
     def __post_init__(self):
+        if not isinstance(self.vectors, torch.Tensor):
+            raise BankError(f"vectors must be a tensor, got {type(self.vectors).__name__}")
         self.vectors = self.vectors.detach().to(torch.float32).contiguous()
+        if not isinstance(self.emotions, (list, tuple)) or not all(isinstance(e, str) and e for e in self.emotions):
+            raise BankError(f"emotion names must be a list of non-empty strings, got {self.emotions!r}")
         self.emotions = [e.lower() for e in self.emotions]
-        self.layers = [int(x) for x in self.layers]
+        self.layers = [_integer(x, "layer indices", self.layers) for x in _listed(self.layers, "layers")]
+        for name in ("model", "recipe", "calibration", "bands"):
+            if not isinstance(getattr(self, name), dict):
+                raise BankError(f"{name} must be an object, got {type(getattr(self, name)).__name__}")
+        self.calibration = {e: _finite(v, f"calibration of {e}") for e, v in self.calibration.items()}
         self._check_consistent()
 
     def _check_consistent(self):
@@ -94,6 +134,9 @@ class EmotionBank:
             raise BankError(f"bank has {L} layer rows but layer indices {self.layers}")
         if self.hook not in HOOKS:
             raise BankError(f"unknown hook point {self.hook!r}; known: {list(HOOKS)}")
+        for key in ("hidden_size", "num_layers"):
+            if self.model.get(key) is not None:
+                _integer(self.model[key], f"model.{key}", self.model[key])
         if self.model.get("hidden_size") not in (None, H):
             raise BankError(f"metadata says hidden size {self.model['hidden_size']}, tensor has {H}")
         if not torch.isfinite(self.vectors).all():
@@ -104,15 +147,19 @@ class EmotionBank:
         if self.units not in UNITS:
             raise BankError(f"unknown units {self.units!r}; known: {list(UNITS)}")
         if self.typical_norms is not None:
-            self.typical_norms = [float(v) for v in self.typical_norms]
-            if len(self.typical_norms) != L or not all(v > 0 for v in self.typical_norms):
+            norms = [_finite(v, "typical_norms") for v in _listed(self.typical_norms, "typical_norms")]
+            if len(norms) != L or not all(v > 0 for v in norms):
                 raise BankError(f"typical_norms must hold {L} positive numbers, got {self.typical_norms}")
+            self.typical_norms = norms
         if self.units == "dose" and self.typical_norms is None:
             raise BankError("units 'dose' need typical_norms (re-extract with `vllm-emosteer extract`)")
         for emotion, band in self.bands.items():
-            if not (isinstance(band, (list, tuple)) and len(band) == 2 and band[0] <= band[1]):
-                raise BankError(f"band of {emotion} must be [first, last], got {band!r}")
-            self.bands[emotion] = [int(band[0]), int(band[1])]
+            if not (isinstance(band, (list, tuple)) and len(band) == 2):
+                raise BankError(f"band of {emotion} must be [first, last] layer indices, got {band!r}")
+            first, last = (_integer(x, f"band of {emotion}", band) for x in band)
+            if not 0 <= first <= last:
+                raise BankError(f"band of {emotion} must be [first, last] layer indices, got {band!r}")
+            self.bands[emotion] = [first, last]
 
     @property
     def hidden_size(self) -> int:
@@ -215,34 +262,39 @@ class EmotionBank:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "EmotionBank":
+    def load(cls, path: str | os.PathLike, name: str | None = None) -> "EmotionBank":
+        """`name`: how messages call the file (default: its path), e.g. a path relative to the folder it is in."""
         path = Path(path)
+        where = name or str(path)
         if not path.is_file():
-            raise BankError(f"vectors file not found: {path}")
+            raise BankError(f"vectors file not found: {where}")
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw_meta = (f.metadata() or {}).get("emosteer")
                 if TENSOR_NAME not in f.keys():
-                    raise BankError(f"{path}: no '{TENSOR_NAME}' tensor; is this an emosteer vectors file?")
+                    raise BankError(f"{where}: no '{TENSOR_NAME}' tensor; is this an emosteer vectors file?")
                 vectors = f.get_tensor(TENSOR_NAME)
         except BankError:
             raise
         except Exception as exc:  # safetensors raises several types for corrupt or truncated files
-            raise BankError(f"{path}: not a readable safetensors file ({exc})") from exc
+            raise BankError(f"{where}: not a readable safetensors file ({type(exc).__name__})") from exc
         if raw_meta is None:
-            raise BankError(f"{path}: no emosteer metadata; is this an emosteer vectors file?")
+            raise BankError(f"{where}: no emosteer metadata; is this an emosteer vectors file?")
         try:
             meta = json.loads(raw_meta)
         except json.JSONDecodeError as exc:
-            raise BankError(f"{path}: corrupt metadata ({exc})") from exc
-        if meta.get("format") != FORMAT:
-            raise BankError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise BankError(f"{where}: corrupt metadata ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise BankError(f"{where}: not an emosteer vectors file (format {FORMAT!r} expected)")
+        version = meta.get("format_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise BankError(f"{where}: format_version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise BankError(
-                f"{path}: format version {meta['format_version']} is newer than this plugin's "
-                f"({FORMAT_VERSION}); upgrade vllm-emosteer"
+                f"{where}: format version {version} is newer than this plugin's ({FORMAT_VERSION}); upgrade "
+                "vllm-emosteer"
             )
-        return cls.from_parts(vectors, meta, str(path))
+        return cls.from_parts(vectors, meta, where)
 
     @classmethod
     def from_parts(cls, vectors: torch.Tensor, meta: dict, where: str = "vectors") -> "EmotionBank":
@@ -262,6 +314,10 @@ class EmotionBank:
             )
         except KeyError as exc:
             raise BankError(f"{where}: metadata lacks {exc}") from exc
+        except BankError as exc:
+            raise BankError(f"{where}: {exc}") from None
+        except (TypeError, ValueError, AttributeError) as exc:  # a field of the wrong shape or type
+            raise BankError(f"{where}: malformed metadata ({exc})") from None
 
     def check_fits(self, config) -> None:
         """Refuse a model this bank was not made for, saying what differs."""
