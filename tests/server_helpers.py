@@ -16,14 +16,19 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model, *extra_args, emosteer: str | None = "{}", env=None, wait=True):
+    def __init__(self, model, *extra_args, emosteer: str | None = "{}", env=None, wait=True,
+                 plugins: str | None = "emosteer"):
+        """plugins: VLLM_PLUGINS for the server (None: unset, as for a user who never heard of it)."""
         self.port = free_port()
         args = [sys.executable, "-m", "vllm_emosteer.cli", "serve", str(model), "--served-model-name", "smol",
                 "--port", str(self.port), "--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "32",
                 *extra_args]
         if emosteer is not None:
             args += ["--additional-config", f'{{"emosteer": {emosteer}}}']
-        env = dict(os.environ, VLLM_PLUGINS="emosteer", VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
+        env.pop("VLLM_PLUGINS", None)
+        if plugins is not None:
+            env["VLLM_PLUGINS"] = plugins
         self.log = open(os.devnull, "w") if wait else subprocess.PIPE
         self.process = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT if wait else
                                         subprocess.PIPE, text=True)

@@ -13,7 +13,7 @@ QUESTION = [{"role": "user", "content": "Tell me about your day."}]
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    srv = Server(default_model_dir)
+    srv = Server(default_model_dir, "--enable-prompt-tokens-details")
     yield srv
     srv.stop()
 
@@ -148,14 +148,33 @@ def test_prefix_cache_safety_over_http(server, default_model_dir):
              {"emotion": "joy", "intensity": 1.5, "steer_positions": "all"}, None,
              {"emotion": "sadness", "intensity": 1.5, "steer_positions": "all"}]
     cached = [chat(server.client(), s, messages=messages, max_tokens=20).choices[0].message.content for s in specs]
+    warm_chat = two_turns(server, system)
     fresh_server = Server(default_model_dir, "--no-enable-prefix-caching")
     try:
         fresh = [chat(fresh_server.client(), s, messages=messages, max_tokens=20).choices[0].message.content
                  for s in specs]
+        cold_chat = two_turns(fresh_server, system)
     finally:
         fresh_server.stop()
     assert cached == fresh
     assert len(set(cached[:3])) == 3
+    (warm_text, warm_logprobs, warm_hits), (cold_text, cold_logprobs, cold_hits) = warm_chat, cold_chat
+    assert warm_text == cold_text
+    assert max(abs(a - b) for a, b in zip(warm_logprobs, cold_logprobs)) < 1e-4
+    assert warm_hits > 0 and cold_hits == 0  # the history's unsteered blocks came from the cache
+
+
+def two_turns(server, system):
+    """A steered chat's second turn, whose history holds the first turn's steered answer: its text, logprobs and
+    cached prompt tokens."""
+    steering = {"emotion": "sadness", "intensity": 1.5}
+    messages = [system, {"role": "user", "content": "What can I do here this afternoon?"}]
+    first = chat(server.client(), steering, messages=messages, max_tokens=40).choices[0].message.content
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "And tomorrow morning?"}]
+    reply = chat(server.client(), steering, messages=messages, max_tokens=20, logprobs=True)
+    details = reply.usage.prompt_tokens_details
+    return (reply.choices[0].message.content, [t.logprob for t in reply.choices[0].logprobs.content],
+            (details.cached_tokens or 0) if details else 0)
 
 
 @pytest.mark.parametrize(
@@ -183,3 +202,26 @@ def test_mismatched_vectors_stop_the_server(default_model_dir, tiny_bank_path):
         srv.stop()
     assert srv.process.returncode != 0
     assert "vectors have hidden size 128, model has 576" in err and "Traceback" not in err
+
+
+def test_beam_search_with_steering_is_refused_not_run_unsteered(server):
+    for path, body in (("/v1/chat/completions", {"messages": QUESTION}), ("/v1/completions", {"prompt": "My day"})):
+        response = requests.post(server.url + path, timeout=60, json={
+            "model": "smol", "max_tokens": 4, "use_beam_search": True, "n": 2,
+            "vllm_xargs": {"emotion": "joy", "intensity": 1.0}, **body})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert "beam search" in error["message"] and error["param"] == "use_beam_search"
+    plain = requests.post(server.url + "/v1/completions", timeout=60, json={
+        "model": "smol", "prompt": "My day", "max_tokens": 4, "use_beam_search": True, "n": 2})
+    assert plain.status_code == 200, plain.text
+
+
+def test_steer_raw_over_http(server):
+    client = server.client()
+    raw = {"emotion": "joy", "intensity": 2.0}
+    answers = {value: chat(client, dict(raw, steer_raw=value), max_tokens=12).choices[0].message.content
+               for value in (True, "true", 1, False, "false")}
+    assert answers[True] == answers["true"] == answers[1]
+    assert answers[False] == answers["false"] == chat(client, raw, max_tokens=12).choices[0].message.content
+    assert answers[True] != answers[False]

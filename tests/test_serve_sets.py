@@ -20,6 +20,9 @@ def sets_dir(tmp_path_factory):
     bundled.uncalibrated().save(folder / "alt.safetensors")
     bundled.without_shared_component().save(folder / "centred.safetensors")
     (folder / "corrupt.safetensors").write_bytes(b"garbage")
+    broken = bundled.uncalibrated()
+    broken.calibration = {"joy": float("nan")}  # JSON carries NaN; the loader must refuse it
+    broken.save(folder / "nan.safetensors")
     return folder
 
 
@@ -47,7 +50,10 @@ def test_discovery_lists_the_sets(server):
     info = requests.get(server.url + "/v1/emosteer", timeout=10).json()
     assert info["emotions"] == ["joy", "anger", "disgust", "fear", "sadness"] and info["default_set"] == "emotions"
     assert [s["name"] for s in info["sets"]] == ["emotions", "alt"] and info["max_sets"] == 3
-    assert info["runtime_updates"] is True
+    assert info["runtime_updates"] == {"load": True, "unload": True}
+    # clients see file names relative to sets_dir (or the bare file name), never a server path
+    assert info["vectors"] == "smollm2-135m-instruct.safetensors"
+    assert [s["source"] for s in info["sets"]] == ["smollm2-135m-instruct.safetensors", "alt.safetensors"]
 
 
 def test_load_while_32_clients_stream(server):
@@ -99,10 +105,13 @@ def test_load_while_32_clients_stream(server):
     ({"name": "alt", "file": "centred.safetensors"}, 409, "replace: true"),
     ({"name": "x", "file": "alt.safetensors", "replace": "yes"}, 400, "'replace' must be true or false"),
     ({"name": "x", "path": "alt.safetensors"}, 400, "'name', 'file'"),
+    ({"name": "x", "file": "y" * 300}, 400, "cannot be opened in sets_dir"),
+    ({"name": "x", "file": "nan.safetensors"}, 400, "calibration of joy must be finite"),
 ])
-def test_bad_loads_get_a_clear_error(server, body, status, words):
+def test_bad_loads_get_a_clear_error(server, sets_dir, body, status, words):
     response = post(server, body)
     assert response.status_code == status and words in response.json()["error"]["message"], response.text
+    assert str(sets_dir) not in response.json()["error"]["message"]  # no server path in an error
     info = requests.get(server.url + "/v1/emosteer", timeout=10).json()
     assert [s["name"] for s in info["sets"]] == ["emotions", "alt"]
 
