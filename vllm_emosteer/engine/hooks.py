@@ -14,6 +14,19 @@ its Transformers backend's), each with an attention module for attn_out, and hoo
 (the Transformers backend's [1, T, H] is steered as [T, H]). What does not fit is refused at start-up (structure
 at load, shapes at the first forward) with one line naming the model class and what is missing.
 
+Tensor parallel (decided by structure too, only where a row-parallel projection has tp_size > 1):
+* An attention module whose output projection is a RowParallelLinear with reduce_results=False returns this
+  rank's partial sum X_i A_i; the layer reduces it later (Command-R sums attention + MLP and all-reduces once;
+  Falcon's parallel attention; DeepSeek-V2/V3 and Qwen3-Next with sequence-parallel MoE reduce-scatter it). The
+  offset goes into rank 0's partial only, as vLLM adds a row-parallel bias on rank 0 only: summed in fp32 and
+  rounded once into that partial, so the reduced activation gets it once (offset / tp on every rank would round
+  tp times). Capture mode all-reduces a copy of the partial, so it records the full activation on every rank.
+* Sequence-parallel MoE layers (DeepSeek-V2/V3's `use_sequence_parallel_moe`, Qwen3-Next's and its kin's
+  `use_attn_reduce_scatter_for_moe`) leave the residual stream split across the ranks, [T / tp, H] each, from
+  that layer on: residual is refused there (the rows would be other tokens). Their attention still sees every
+  token (its input is all-gathered) and leaves a partial sum: attn_out is steered as above. MoE blocks that split
+  the tokens inside themselves and all-gather before returning (GPT-OSS, Llama 4, Qwen3-MoE, ...) change nothing.
+
 Hooks are registered after the weights load and before the first forward (profiling, compilation, graph
 capture), so torch.compile traces them into the graph.
 """
@@ -25,6 +38,9 @@ import inspect
 import torch
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention")
+# vLLM's decoder-layer flags for a sequence-parallel residual stream (set only with TP > 1: ParallelConfig.
+# use_sequence_parallel_moe needs expert parallel, TP > 1 and DP > 1 with an all-to-all backend that splits tokens)
+SEQUENCE_PARALLEL_FLAGS = ("use_sequence_parallel_moe", "use_attn_reduce_scatter_for_moe")
 
 
 class UnsupportedModelError(ValueError):
@@ -57,15 +73,45 @@ def returns_residual(layer: torch.nn.Module) -> bool:
     return "residual" in inspect.signature(layer.forward).parameters
 
 
+def row_parallel_projections(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The module's (and its children's) row-parallel linears that are split across more than one rank."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    return {name: m for name, m in module.named_modules()
+            if isinstance(m, RowParallelLinear) and getattr(m, "tp_size", 1) > 1}
+
+
+def partial_sum_rank(attention: torch.nn.Module) -> int | None:
+    """This rank's tensor-parallel rank when the attention module returns its partial sum (every row-parallel
+    projection in it leaves the all-reduce to the caller), None when it returns the full activation."""
+    projections = row_parallel_projections(attention).values()
+    if projections and not any(p.reduce_results for p in projections):
+        return next(iter(projections)).tp_rank
+    return None
+
+
+def sequence_parallel_from(layers: dict[int, torch.nn.Module]) -> int | None:
+    """The first local layer after which the residual stream is split across tensor-parallel ranks, if any."""
+    return next((i for i, layer in sorted(layers.items())
+                 if any(getattr(layer, flag, False) is True for flag in SEQUENCE_PARALLEL_FLAGS)), None)
+
+
 def hook_targets(model: torch.nn.Module, hook: str, layer_indices, dtype: torch.dtype) -> dict[int, torch.nn.Module]:
     """The module to hook for each local layer in `layer_indices`, or UnsupportedModelError naming what is missing."""
     layers = local_decoder_layers(model)
+    split_from = sequence_parallel_from(layers) if hook == "residual" else None
     targets = {}
     for index in layer_indices:
         layer = layers.get(index)
         if layer is None:
             continue
         if hook == "residual":
+            if split_from is not None and index >= split_from:
+                raise UnsupportedModelError(
+                    f"emosteer cannot steer {type(model).__name__} at residual with sequence-parallel MoE: from "
+                    f"decoder layer {split_from} ({type(layers[split_from]).__name__}) on, each tensor-parallel rank "
+                    "holds a slice of the tokens' residual stream, not the batch; use attn_out"
+                )
             if dtype == torch.float16 and getattr(layer, "routed_scaling_factor", 1.0) != 1.0:
                 raise UnsupportedModelError(
                     f"emosteer cannot steer {type(model).__name__} at residual in float16: its layers divide the "
@@ -79,6 +125,15 @@ def hook_targets(model: torch.nn.Module, hook: str, layer_indices, dtype: torch.
             raise UnsupportedModelError(
                 f"emosteer cannot steer {type(model).__name__} at attn_out: decoder layer {index} "
                 f"({type(layer).__name__}) has no attention module ({', '.join(ATTENTION_NAMES)})"
+            )
+        projections = row_parallel_projections(attention)
+        reduced = sorted(name for name, p in projections.items() if p.reduce_results)
+        if reduced and len(reduced) < len(projections):
+            unreduced = sorted(set(projections) - set(reduced))
+            raise UnsupportedModelError(
+                f"emosteer cannot steer {type(model).__name__} at attn_out under tensor parallel: the attention "
+                f"module of decoder layer {index} ({type(attention).__name__}) all-reduces {', '.join(reduced)} but "
+                f"not {', '.join(unreduced)}, so whether its output is the full activation is unknown"
             )
         targets[index] = attention
     return targets
@@ -130,12 +185,21 @@ def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dic
     handles = []
     for layer_index, module in targets.items():
         with_residual = hook == "residual" and returns_residual(layers[layer_index])
+        # a partial sum (see the module docstring): steered on rank 0 only, all-reduced (a copy) for capture
+        rank = partial_sum_rank(module) if hook == "attn_out" else None
+        if rank is not None and runtime.capture is not None:
+            from vllm.distributed import tensor_model_parallel_all_reduce as all_reduce  # in place on CPU: a copy
+        else:
+            all_reduce = None
 
-        def steer_output(_module, _args, output, row=rows_by_layer[layer_index], with_residual=with_residual):
+        def steer_output(_module, _args, output, row=rows_by_layer[layer_index], with_residual=with_residual,
+                         steer_here=rank in (None, 0), all_reduce=all_reduce):
             x = steered_tensor(output, hook, with_residual, hidden_size, model_name)
             if runtime.capture is not None:  # capture mode: the activation as the model made it (the whole stream)
-                runtime.capture.add(output[0] + x if with_residual else x, row)
-            _steer(x, runtime, row)
+                seen = output[0] + x if with_residual else x
+                runtime.capture.add(all_reduce(seen.clone()) if all_reduce is not None else seen, row)
+            if steer_here:
+                _steer(x, runtime, row)
             runtime.hooks_ran = True
             return output
 
