@@ -81,3 +81,16 @@ def test_other_architectures_and_hooks_are_steered(tmp_path, default_model_dir, 
         shutdown(llm)
     assert outs[0] == outs[1]
     assert outs[2] != outs[0] and outs[3] != outs[0] and outs[2] != outs[3]
+
+
+def test_the_http_routes_are_loaded_without_dropping_other_plugins():
+    """vLLM loads endpoint plugins only when VLLM_PLUGINS names them; `vllm-emosteer serve` adds ours to the
+    user's list (or to every installed general plugin) and `vllm serve` without it gets a start-up warning."""
+    from vllm_emosteer.engine.plugin import routes_allowed
+    from vllm_emosteer.serving.serve import plugins_with_ours
+
+    assert plugins_with_ours("lora_resolver, other") == "lora_resolver,other,emosteer"
+    assert plugins_with_ours("emosteer,other") == "emosteer,other"
+    assert "emosteer" in plugins_with_ours(None).split(",")
+    assert routes_allowed(plugins_with_ours(None)) and routes_allowed("a, emosteer")
+    assert not routes_allowed(None) and not routes_allowed("") and not routes_allowed("emosteer2")
