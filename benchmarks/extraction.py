@@ -34,7 +34,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_emosteer.default_model import model_path
-    from vllm_emosteer.vectors.extract import (CONTRAST_TEMPLATES, EMOTIONS, _contrast_samples, extraction_questions,
+    from vllm_emosteer.emotions import EMOTIONS
+    from vllm_emosteer.vectors.extract import (CONTRAST_TEMPLATES, _contrast_samples, extraction_questions,
                                                generate_answers, mean_activations)
     from vllm_emosteer.vectors.vllm_capture import VllmExtractor
 

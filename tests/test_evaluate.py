@@ -1,6 +1,7 @@
 """The quality metrics and the calibration rule (the sweep itself runs through the engine in `vllm-emosteer eval`)."""
 
-from vllm_emosteer.quality.evaluate import (EvalResult, band_layers, distinct2, neutral_prompts, prompt_variants,
+from vllm_emosteer.scores import distinct2
+from vllm_emosteer.quality.evaluate import (EvalResult, band_layers, neutral_prompts, prompt_variants,
                                     recommend, sweep_variants)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_emosteer.quality.scores import EMOTIONS, emotion_scores, prototype_scores, top_emotion
+from vllm_emosteer.scores import EMOTIONS, emotion_scores, prototype_scores, top_emotion
 
 ANSWERS = json.loads((Path(__file__).parent / "data" / "smollm2_answers.json").read_text())
 

@@ -26,7 +26,8 @@ def cmd_extract(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .default_model import DEFAULT_MODEL_NAME, model_path
-    from .vectors.extract import EMOTIONS, TEMPLATES, extract
+    from .emotions import EMOTIONS
+    from .vectors.extract import TEMPLATES, extract
     from .vectors.pairs import PairsError, load_pairs
 
     unknown = [e for e in args.emotions if e not in EMOTIONS]

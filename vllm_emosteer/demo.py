@@ -29,7 +29,7 @@ def run_demo(model: str | None, vectors: str | None, intensity: float, max_token
 
     from .default_model import model_path
     from .engine.options import load_bank, vectors_path
-    from .quality.scores import emotion_scores, prototype_scores, top_emotion
+    from .scores import emotion_scores, prototype_scores, top_emotion
 
     model = model or str(model_path())
     options = {"vectors": vectors} if vectors else {}

@@ -155,7 +155,7 @@ def _patch_input_processor():
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.engine.output_processor import OutputProcessor
 
-    from ..serving import metrics
+    from . import metrics
     from .options import frontend_options, is_enabled
     from .prefix_cache import CACHE_KEY, cache_entry
     from .spec import SteeringError

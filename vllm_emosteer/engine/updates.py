@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..serving import metrics
+from . import metrics
 from ..vectors.bank import BankError, EmotionBank
 from .sets import check_set_name
 from .spec import referenced_sets

@@ -21,7 +21,8 @@ from importlib import resources
 
 import numpy as np
 
-from .scores import EMOTIONS, embed, emotion_scores, prototype_scores, top_emotion
+from ..emotions import EMOTIONAL_INSTRUCTION, EMOTIONS, describe
+from ..scores import distinct2, embed, emotion_scores, prototype_scores, top_emotion
 
 # "the text stays coherent and on topic": little repetition, close to the question, fluent (perplexity at most
 # this many times the unsteered answers')
@@ -35,14 +36,6 @@ def neutral_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def distinct2(text: str) -> float:
-    words = text.lower().split()
-    bigrams = list(zip(words, words[1:]))
-    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
-
-
-# the prompting baseline: the emotion asked for in the user turn (the extraction's emotional instruction)
-PROMPT_TEMPLATE = "Answer as someone who is {description} right now. {question}"
 # layer bands calibration searches, as fractions of the model's depth
 BANDS = {"middle third": (1 / 3, 2 / 3), "30-70%": (0.3, 0.7), "middle half": (0.25, 0.75), "all": (0.0, 1.0)}
 
@@ -96,10 +89,9 @@ def calibrated_variants(emotions, intensity: float = 1.0) -> list[Variant]:
 
 def prompt_variants(emotions) -> list[Variant]:
     """The baseline: no steering, the emotion asked for in the prompt."""
-    from ..vectors.extract import DESCRIPTIONS
-
+    # the prompting baseline: the emotion asked for in the user turn, in the extraction's own words
     return [Variant(f"prompted {e}", None, (e,), 0.0, "prompt",
-                    template=PROMPT_TEMPLATE.replace("{description}", DESCRIPTIONS.get(e, f"extremely {e}")))
+                    template=EMOTIONAL_INSTRUCTION.replace("{description}", describe(e)))
             for e in emotions]
 
 

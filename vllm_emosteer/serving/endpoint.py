@@ -34,7 +34,7 @@ def _error(status: int, message: str, parameter: str | None = None) -> JSONRespo
 def _failure(exc: Exception, action: str) -> JSONResponse:
     """A refused change (SetUpdateError: its own status), or an unexpected failure: 500, logged and counted."""
     from ..engine.updates import SetUpdateError
-    from . import metrics
+    from ..engine import metrics
 
     if isinstance(exc, SetUpdateError):
         return _error(exc.status, str(exc))
@@ -101,7 +101,7 @@ class EmosteerEndpoint:
 
     async def init_state(self, engine_client, state, args) -> None:
         from ..engine.options import frontend_options, is_enabled
-        from . import metrics
+        from ..engine import metrics
 
         processor = getattr(engine_client, "input_processor", None)
         if processor is not None and is_enabled(processor.vllm_config):

@@ -30,24 +30,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine.hooks import ATTENTION_NAMES, attention_module
+from ..emotions import EMOTIONAL_INSTRUCTION, EMOTIONS, describe
 from .bank import EmotionBank, model_facts
 from .pairs import Pair, PairsError, concepts_of
 
-EMOTIONS = ("joy", "anger", "disgust", "fear", "sadness")
 RECIPES = ("contrast", "paper", "pairs")
-DESCRIPTIONS = {
-    "joy": "extremely happy and joyful",
-    "anger": "extremely angry and furious",
-    "disgust": "extremely disgusted: everything seems gross, filthy and revolting to you",
-    "fear": "extremely scared and afraid",
-    "sadness": "extremely sad and heartbroken",
-}
 # contrast recipe: how the emotional answers are asked for, each a (role, text) with {question}, {emotion} and
 # {description} (DESCRIPTIONS, or "extremely {emotion}"). Every question is asked both ways: which one makes the
 # 135M default model write the emotion differs by emotion (the user turn for anger and fear, the system prompt
 # for disgust), and the scorers keep what worked.
 CONTRAST_TEMPLATES = (
-    ("user", "Answer as someone who is {description} right now. {question}"),
+    ("user", EMOTIONAL_INSTRUCTION),
     ("system", "You are overwhelmed by {emotion}. Answer the question and let your {emotion} show strongly in "
                "every sentence."),
 )
@@ -208,7 +201,7 @@ def _contrast_samples(tokenizer, emotions, questions: list[str], templates) -> l
         plain = _prompt_ids(tokenizer, None, question)
         samples.append(Sample(None, "neutral", question, plain, [], kept_for=tuple(emotions)))
         for emotion in emotions:
-            fill = dict(description=DESCRIPTIONS.get(emotion, f"extremely {emotion}"), emotion=emotion,
+            fill = dict(description=describe(emotion), emotion=emotion,
                         question=question)
             for role, template in templates:
                 text = template.format(**fill)
@@ -269,8 +262,7 @@ def select_pairs(samples: list[Sample], emotions) -> dict[str, dict]:
     loop little; keep, for each emotion, the neutral answers that the two scorers do not both rank as it (the
     default model's plain answers are cheerful: NADE ranks 95% of them joy, so "neither" would leave three).
     Returns the contrast table: per emotion, how emotional and how neutral the answers were, and what was kept."""
-    from ..quality.evaluate import distinct2
-    from ..quality.scores import emotion_scores, prototype_scores, top_emotion
+    from ..scores import distinct2, emotion_scores, prototype_scores, top_emotion
 
     texts = [s.text for s in samples]
     tops = list(zip([top_emotion(x) for x in emotion_scores(texts)], [top_emotion(x) for x in prototype_scores(texts)]))

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..vectors.extract import EMOTIONS
+from .emotions import EMOTIONS
 
 PROTOTYPES = {
     "joy": (
@@ -98,3 +98,10 @@ def scores_by(scorer: str, texts: list[str]) -> list[dict[str, float]]:
 
 def top_emotion(score: dict[str, float]) -> str:
     return max(score, key=score.get)
+
+
+def distinct2(text: str) -> float:
+    """The share of distinct word bigrams: 1.0 for varied text, near 0 for a loop."""
+    words = text.lower().split()
+    bigrams = list(zip(words, words[1:]))
+    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
