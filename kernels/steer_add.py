@@ -24,7 +24,7 @@ import triton.language as tl
 # which must not happen inside CUDA-graph capture. T is static inside each captured CUDA graph, so choosing by T
 # is graph-safe. Rows: (largest H, largest T, config); the first row that fits wins.
 # Measured: `benchmarks/kernel.py --sweep` on an H100 80GB HBM3, 2026-11-26 (bf16, E = 5, per add inside a CUDA
-# graph); the README has the numbers. Token tiles (BLOCK_T 8-16) win from T = 64 up: each tile loads the fp32 bank
+# graph); docs/performance.md has the numbers. Token tiles (BLOCK_T 8-16) win from T = 64 up: each tile loads the fp32 bank
 # block once instead of once per token.
 BIG = 1 << 62
 BLOCK_TABLE: tuple[tuple[int, int, tuple[int, int, int]], ...] = (

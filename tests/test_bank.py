@@ -1,3 +1,7 @@
+"""The vectors file (format 2): a save/load round trip keeps everything, saving is atomic, and a file that does
+not fit the model, is inconsistent, missing, corrupt or from a newer format is refused saying what differs;
+derived files (shared component removed, a layer range)."""
+
 import json
 from types import SimpleNamespace
 

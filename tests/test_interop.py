@@ -1,3 +1,7 @@
+"""Import and export: the paper's published JSON loads with its values unchanged, GGUF control vectors round-trip
+(llama.cpp has no layer 0) and import as repeng writes them, export needs the residual hook, bad sources are
+refused."""
+
 from pathlib import Path
 
 import numpy as np

@@ -1,3 +1,7 @@
+"""Request parsing: the nested and flat forms give the same spec, no steering or intensity 0 is unsteered,
+fingerprints tell specs apart, and bad input (near-miss field names, flat options without an emotion, layers the
+engine does not steer) is refused with a SteeringError naming the field."""
+
 import math
 
 import pytest

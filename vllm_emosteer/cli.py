@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="extract emotion (or your own concepts') vectors, inside vLLM by default")
     p.add_argument("--model", help="local HF model folder or model id (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="vectors file to write (.safetensors)")
-    p.add_argument("--pairs", help="your own concepts: a JSON Lines file of contrast pairs (see the README); "
+    p.add_argument("--pairs", help="your own concepts: a JSON Lines file of contrast pairs (see docs/vectors.md); "
                                    "replaces --recipe and --emotions")
     p.add_argument("--device", default="cpu", help="--engine transformers: where it runs (cpu, cuda, cuda:1, ...)")
     p.add_argument("--recipe", choices=["contrast", "paper"], default="contrast",
