@@ -9,11 +9,12 @@ import requests
 from server_helpers import Server
 
 QUESTION = [{"role": "user", "content": "Tell me about your day."}]
+SMALL_BLOCKS = ("--block-size", "32", "--dtype", "float32")  # a chat turn's steered positions fill whole blocks; fp32: warm == cold
 
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    srv = Server(default_model_dir, "--enable-prompt-tokens-details")
+    srv = Server(default_model_dir, *SMALL_BLOCKS, "--enable-prompt-tokens-details")
     yield srv
     srv.stop()
 
@@ -149,7 +150,7 @@ def test_prefix_cache_safety_over_http(server, default_model_dir):
              {"emotion": "sadness", "intensity": 1.5, "steer_positions": "all"}]
     cached = [chat(server.client(), s, messages=messages, max_tokens=20).choices[0].message.content for s in specs]
     warm_chat = two_turns(server, system)
-    fresh_server = Server(default_model_dir, "--no-enable-prefix-caching")
+    fresh_server = Server(default_model_dir, *SMALL_BLOCKS, "--no-enable-prefix-caching")
     try:
         fresh = [chat(fresh_server.client(), s, messages=messages, max_tokens=20).choices[0].message.content
                  for s in specs]
