@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder and install as vllm_emosteer.kernels.
-    packages=["vllm_emosteer", "vllm_emosteer.engine", "vllm_emosteer.vectors", "vllm_emosteer.quality",
+    packages=["vllm_emosteer", "vllm_emosteer.vectors", "vllm_emosteer.engine", "vllm_emosteer.engine.frontend",
+              "vllm_emosteer.engine.worker", "vllm_emosteer.extraction", "vllm_emosteer.quality",
               "vllm_emosteer.serving", "vllm_emosteer.kernels"],
     package_dir={"vllm_emosteer": "vllm_emosteer", "vllm_emosteer.kernels": "kernels"},
     package_data={"vllm_emosteer": ["data/*.json", "data/*.safetensors", "data/*LICENSE*", "data/*.txt"],

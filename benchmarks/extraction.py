@@ -35,9 +35,9 @@ def main() -> int:
 
     from vllm_emosteer.default_model import model_path
     from vllm_emosteer.emotions import EMOTIONS
-    from vllm_emosteer.vectors.extract import (CONTRAST_TEMPLATES, _contrast_samples, extraction_questions,
+    from vllm_emosteer.extraction.extract import (CONTRAST_TEMPLATES, _contrast_samples, extraction_questions,
                                                generate_answers, mean_activations)
-    from vllm_emosteer.vectors.vllm_capture import VllmExtractor
+    from vllm_emosteer.extraction.vllm_capture import VllmExtractor
 
     model = str(model_path())
     tokenizer = AutoTokenizer.from_pretrained(model)

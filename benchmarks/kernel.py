@@ -46,7 +46,7 @@ try:
 except ImportError:  # a checkout: let kernels/ resolve as vllm_emosteer.kernels
     vllm_emosteer.__path__.append(str(ROOT))
 
-from vllm_emosteer.engine import hooks, ops  # noqa: E402
+from vllm_emosteer.engine.worker import hooks, ops  # noqa: E402
 
 E, L_BANK = 5, 32
 

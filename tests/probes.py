@@ -63,7 +63,7 @@ def detach_steering(model):
 
 def attach_steering(model, hook):
     """Hook the model again, at `hook`, with the bank the engine loaded (its rows stay where they were)."""
-    from vllm_emosteer.engine.hooks import install_hooks
+    from vllm_emosteer.engine.worker.hooks import install_hooks
 
     detach_steering(model)
     runtime = model.emosteer_runtime

@@ -9,6 +9,9 @@
 DeepSeek-V2/V3 run in bfloat16 (vLLM's CPU MLA), where vLLM is not deterministic from run to run: there the offsets
 and alpha 0 are checked on each hooked tensor before and after the plugin's hook, and the last two are skipped.
 * the plugin hooks only the attention modules (attn_out) or the layers (residual): MoE experts are untouched.
+* a layer that takes `residual` but overwrites it before reading it (Command-R's): residual steering goes into the
+  stream it returns first, exactly, and capture records that stream; which vLLM layers are of which kind, by
+  structure only.
 """
 
 import functools
@@ -18,6 +21,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import probes
@@ -234,7 +238,7 @@ def test_mixed_batch_equals_one_request_at_a_time(engine):
 def test_extraction_finds_the_layers(tmp_path_factory, default_model_dir, arch, hook):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_emosteer.vectors.extract import extract
+    from vllm_emosteer.extraction.extract import extract
 
     folder = tmp_path_factory.getbasetemp() / f"extract-{arch}"  # the tokenizer's whole vocabulary: chat prompts
     make_tiny_model(folder, arch, default_model_dir, config=tiny_config(arch, vocab_size=49152))
@@ -290,7 +294,7 @@ def test_a_model_that_does_not_fit_is_refused_at_start(tiny_llama, tiny_bank_pat
 
 
 def test_a_model_without_decoder_layers_is_refused():
-    from vllm_emosteer.engine.hooks import UnsupportedModelError, hook_targets
+    from vllm_emosteer.engine.worker.hooks import UnsupportedModelError, hook_targets
 
     class Encoderish(torch.nn.Module):
         def __init__(self):
@@ -306,7 +310,7 @@ def test_a_model_without_decoder_layers_is_refused():
 def test_deepseek_residual_in_float16_is_refused():
     """vLLM's DeepSeek-V2/V3 layers divide the stream by routed_scaling_factor in float16 (vLLM's CPU MLA kernel
     runs bfloat16 only, so this is checked on the layer attribute the plugin reads)."""
-    from vllm_emosteer.engine.hooks import UnsupportedModelError, hook_targets
+    from vllm_emosteer.engine.worker.hooks import UnsupportedModelError, hook_targets
 
     class DeepseekLike(torch.nn.Module):
         def __init__(self):
@@ -328,8 +332,8 @@ def test_vllm_extraction_equals_the_transformers_capture(tiny_models, arch, hook
     from transformers import AutoModelForCausalLM
     from tqdm.auto import tqdm
 
-    from vllm_emosteer.vectors.extract import Sample, mean_activations
-    from vllm_emosteer.vectors.vllm_capture import VllmExtractor
+    from vllm_emosteer.extraction.extract import Sample, mean_activations
+    from vllm_emosteer.extraction.vllm_capture import VllmExtractor
 
     rng = np.random.default_rng(0)
     batch = [Sample("joy", "emotional", f"q{i}", rng.integers(100, VOCAB, n).tolist(),
@@ -343,3 +347,153 @@ def test_vllm_extraction_equals_the_transformers_capture(tiny_models, arch, hook
     finally:
         engine.shutdown()
     torch.testing.assert_close(means, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- layers that take `residual` and overwrite it before reading it (vLLM's Command-R and ~15 others) ----------
+COHERE_LAYERS = 4
+
+
+def test_a_layer_that_overwrites_the_residual_is_steered_in_the_stream(tmp_path_factory, default_model_dir):
+    """vLLM's CohereDecoderLayer takes `residual` but sets it to its own input, and returns (input + attention +
+    MLP, input): the first is the stream, the second nobody reads (the next layer overwrites it, the final norm
+    ignores it). The offset must land in the first, exactly, and capture mode must record the stream."""
+    from transformers import AutoConfig, AutoModelForCausalLM, CohereConfig
+    from tqdm.auto import tqdm
+
+    from vllm_emosteer.extraction.extract import Sample, mean_activations
+    from vllm_emosteer.extraction.vllm_capture import VllmExtractor
+
+    root = tmp_path_factory.mktemp("cohere-residual")
+    config = CohereConfig(**dict(COMMON, num_hidden_layers=COHERE_LAYERS, tie_word_embeddings=True),  # vLLM ties
+                          logit_scale=1.0)
+    model = make_tiny_model(root / "model", "CohereForCausalLM", default_model_dir, config=config)
+    vectors = root / "residual.safetensors"
+    bank = make_tiny_bank(model, vectors, hook="residual", scale=1.0)
+    mix = {"joy": 1.0, "anger": -0.5}
+    offsets = [sum(v * bank.vectors[layer, EMOTIONS.index(e)] for e, v in mix.items())
+               for layer in range(COHERE_LAYERS)]
+    layers = [f"model.layers.{i}" for i in range(COHERE_LAYERS)]
+    prompts = [prompt(30, 1), prompt(45, 2)]
+    specs = [steer(positions="all", **mix)] * 2
+    rng = np.random.default_rng(0)
+    batch = [Sample("joy", "emotional", f"q{i}", rng.integers(100, VOCAB, n).tolist(),
+                    rng.integers(100, VOCAB, m).tolist()) for i, (n, m) in enumerate([(3, 5), (20, 12), (70, 9)])]
+    llm = tiny_llm(model, vectors, options={"capture": "residual"}, enable_prefix_caching=False)
+    try:
+        plain = generate(llm, prompts, [None, None])
+        steered = generate(llm, prompts, specs)
+        assert steered != plain, "steering at residual changed nothing"
+        # the test's own offset added to each layer's first output (the stream)
+        llm.apply_model(functools.partial(probes.add_reference_offsets, module_names=layers, offsets=offsets, index=0))
+        try:
+            reference = generate(llm, prompts, [None, None])
+        finally:
+            llm.apply_model(probes.remove_reference_offsets)
+        llm.apply_model(functools.partial(probes.capture_deltas, module_names=layers, index=0))
+        try:
+            generate(llm, prompts, specs)
+            deltas = pickle.loads(llm.apply_model(probes.take_deltas)[0])
+        finally:
+            llm.apply_model(probes.remove_capture)
+        engine = SimpleNamespace(llm=llm, config=AutoConfig.from_pretrained(model))
+        means, _ = VllmExtractor.capture(engine, batch, "residual", 4, tqdm(total=1, disable=True))
+    finally:
+        shutdown(llm)
+    for (ids_s, lp_s), (ids_r, lp_r) in zip(steered, reference):
+        assert ids_s == ids_r
+        np.testing.assert_allclose(lp_s, lp_r, atol=1e-4)
+    assert len(deltas) >= COHERE_LAYERS
+    for name, before, after in deltas:  # the stream after the plugin's hook: before + offset, exactly
+        assert torch.equal(after, (before.float() + offsets[layers.index(name)]).to(before.dtype)), name
+    reference_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    expected, _ = mean_activations(reference_model, batch, "residual", 4, tqdm(disable=True))
+    torch.testing.assert_close(means, expected, rtol=1e-4, atol=1e-4)  # capture: the stream, as transformers has it
+
+
+def bare(cls):
+    """An instance of a vLLM module class without its weights or config: only its forward is read."""
+    layer = cls.__new__(cls)
+    torch.nn.Module.__init__(layer)
+    return layer
+
+
+def test_how_vllm_layers_hand_the_stream_on_is_read_from_their_forward():
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2DecoderLayer  # vLLM's Transformers backend runs it
+    from vllm.model_executor.models import (commandr, deepseek_v2, exaone4, gemma2, gemma3, gpt_oss, granite,
+                                            granitemoehybrid, llama, minicpm, phimoe, qwen2, qwen3, qwen3_moe)
+
+    from vllm_emosteer.engine.worker.hooks import HIDDEN_PLUS_RESIDUAL, STREAM, STREAM_AND_IGNORED, residual_kind
+
+    expected = {
+        HIDDEN_PLUS_RESIDUAL: [llama.LlamaDecoderLayer, qwen2.Qwen2DecoderLayer, qwen3.Qwen3DecoderLayer,
+                               qwen3_moe.Qwen3MoeDecoderLayer, gemma2.Gemma2DecoderLayer, gemma3.Gemma3DecoderLayer,
+                               deepseek_v2.DeepseekV2DecoderLayer, gpt_oss.TransformerBlock],
+        STREAM_AND_IGNORED: [commandr.CohereDecoderLayer, exaone4.Exaone4DecoderLayer, phimoe.PhiMoEDecoderLayer,
+                             minicpm.MiniCPMDecoderLayer, granitemoehybrid.GraniteMoeHybridAttentionDecoderLayer,
+                             granitemoehybrid.GraniteMoeHybridMambaDecoderLayer],
+        STREAM: [granite.GraniteDecoderLayer, Olmo2DecoderLayer],
+    }
+    found = {kind: [residual_kind(bare(cls), "Tiny") for cls in classes] for kind, classes in expected.items()}
+    assert found == {kind: [kind] * len(classes) for kind, classes in expected.items()}
+
+
+def test_every_vllm_layer_that_takes_residual_is_decided():
+    """Each vLLM class whose forward takes `residual` either reads it before assigning it or overwrites it first,
+    so that none is refused (or steered where nobody reads) unnoticed; Plamo 3's attention mixer (not a decoder
+    layer) passes it through unread."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    from vllm_emosteer.engine.worker.hooks import residual_use
+
+    models = Path(importlib.util.find_spec("vllm").origin).parent / "model_executor" / "models"
+    uses = {}
+    for path in sorted(models.glob("*.py")):
+        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+            for forward in (f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "forward"):
+                if "residual" in [a.arg for a in forward.args.args + forward.args.kwonlyargs]:
+                    uses[f"{path.stem}.{cls.name}"] = residual_use(forward)
+    assert {name for name, use in uses.items() if use is None} == {"plamo3.Plamo3AttentionMixer"}
+    assert {"commandr.CohereDecoderLayer", "cohere2_moe.Cohere2MoeDecoderLayer", "gemma4.Gemma4DecoderLayer",
+            "hyperclovax.HyperCLOVAXDecoderLayer"} <= {name for name, use in uses.items() if use == "overwritten"}
+    assert uses["llama.LlamaDecoderLayer"] == "read" and len(uses) > 50
+
+
+def test_a_layer_whose_residual_use_is_unclear_or_mixed_is_refused():
+    from vllm_emosteer.engine.worker.hooks import UnsupportedModelError, hook_targets
+
+    class Conditional(torch.nn.Module):
+        def forward(self, positions, hidden_states, residual):
+            if positions is None:
+                residual = hidden_states
+            return hidden_states + residual, residual
+
+    class Reads(torch.nn.Module):
+        def forward(self, positions, hidden_states, residual):
+            if residual is None:
+                residual = hidden_states
+            return hidden_states, residual
+
+    class Overwrites(torch.nn.Module):
+        def forward(self, positions, hidden_states, residual):
+            residual = hidden_states
+            return hidden_states + 1, residual
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, *layers):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList(layers)
+
+    with pytest.raises(UnsupportedModelError, match=re.escape(
+            "emosteer cannot steer Tiny at residual: the forward of its decoder layer Conditional takes `residual` "
+            "but it neither reads `residual` nor assigns it unconditionally before any read, so whether the layer "
+            "returns (hidden, residual) or the stream is unknown")):
+        hook_targets(Tiny(Reads(), Conditional()), "residual", [0], torch.float32)
+    with pytest.raises(UnsupportedModelError, match=r"^emosteer cannot steer Tiny at residual: its decoder layers "
+                       r"hand the stream on in different ways \(layer 0, Reads, returns \(hidden, residual\) whose "
+                       r"sum is the stream; layer 1, Overwrites, returns \(stream, what the next layer ignores\)\); "
+                       r"use attn_out$"):
+        hook_targets(Tiny(Reads(), Overwrites()), "residual", [0, 1], torch.float32)
+    assert list(hook_targets(Tiny(Overwrites(), torch.nn.Linear(4, 4)), "residual", [0, 1], torch.float32)) == [0, 1]

@@ -101,7 +101,7 @@ def test_naive_mode_refuses_cuda_graphs(tiny_llama, tiny_bank_path):
     from vllm.config import CUDAGraphMode
 
     from vllm_emosteer.engine.options import EmosteerConfigError, options_from_vllm_config
-    from vllm_emosteer.engine.plugin import _check_engine_features
+    from vllm_emosteer.engine.frontend.validation import check_engine_features as _check_engine_features
 
     vllm_config = SimpleNamespace(additional_config={"emosteer": {"vectors": str(tiny_bank_path), "mode": "naive"}},
                                   model_config=SimpleNamespace(hf_config=None, hf_text_config=None))
@@ -195,7 +195,7 @@ def test_copies_inside_input_prep_window_and_buffers_registered(tiny_llama, tiny
 def runtime():
     from vllm_emosteer.vectors.bank import EmotionBank
     from vllm_emosteer.engine.options import EmosteerOptions
-    from vllm_emosteer.engine.runtime import SteeringRuntime
+    from vllm_emosteer.engine.worker.runtime import SteeringRuntime
     from vllm_emosteer.engine.sets import VectorSets
 
     g = torch.Generator().manual_seed(3)
@@ -226,7 +226,7 @@ JOY, MIX, SAD_LATE, FEAR_ALL = (steer(joy=1.5), steer(anger=0.7, fear=-1.2), ste
 def test_host_plan_equals_the_op(runtime, dtype, specs, prompts, tokens, computed, padding):
     """Requests are admitted through the runtime (slots, coefficients, per-slot offsets), then every layer of the
     eager host plan must equal the op's general path on the same rows."""
-    from vllm_emosteer.engine.ops import steer_add_torch
+    from vllm_emosteer.engine.worker.ops import steer_add_torch
 
     req_ids = [f"r{i}" for i in range(len(specs))]
     requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=spec), num_prompt_tokens=n)

@@ -128,7 +128,7 @@ def test_abort_and_finish_leave_no_stale_state(llm):
     llm.generate([prompt(5, 1)], [params(max_tokens=1)])  # one more step: finished requests are released
     held = llm.apply_model(probes.steering_state)
     assert all(len(state) <= 1 for state in held), held
-    from vllm_emosteer.engine.updates import usage
+    from vllm_emosteer.engine.frontend.usage import usage
 
     assert usage.held() == 0, "the front-end still holds entries of aborted or finished requests"
 
@@ -203,7 +203,7 @@ def test_a_client_cache_salt_never_shares_steered_kv(llm):
 
 
 def test_finished_requests_leave_nothing_in_the_front_end(llm):
-    from vllm_emosteer.engine.updates import usage
+    from vllm_emosteer.engine.frontend.usage import usage
 
     llm.generate([prompt(12, 500 + i) for i in range(100)],
                  [params(steer(joy=0.1 * (i % 7 + 1)), max_tokens=2, logprobs=None) for i in range(100)])

@@ -12,7 +12,7 @@ def test_distinct2_measures_repetition():
 
 
 def test_neutral_prompts_are_many_and_held_out_from_extraction():
-    from vllm_emosteer.vectors.extract import extraction_questions, load_questions
+    from vllm_emosteer.extraction.extract import extraction_questions, load_questions
 
     prompts = neutral_prompts()
     assert len(prompts) >= 60 and len(set(prompts)) == len(prompts)

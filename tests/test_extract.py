@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_emosteer.vectors.extract import extract
+from vllm_emosteer.extraction.extract import extract
 
 
 def reference_vectors(model, samples, emotions, hook):
@@ -71,7 +71,7 @@ def test_extract_is_seeded(tiny_llama):
 
 
 def test_select_pairs_keeps_answers_that_read_as_their_emotion():
-    from vllm_emosteer.vectors.extract import Sample, select_pairs
+    from vllm_emosteer.extraction.extract import Sample, select_pairs
 
     def sample(emotion, condition, text):
         return Sample(emotion, condition, "q", [1], [2], text=text,

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-import vllm_emosteer.engine.ops  # noqa: F401  registers torch.ops.emosteer.steer_add_
-from vllm_emosteer.engine.ops import steer_add_torch
+import vllm_emosteer.engine.worker.ops  # noqa: F401  registers torch.ops.emosteer.steer_add_
+from vllm_emosteer.engine.worker.ops import steer_add_torch
 
 INTERPRETER_CHECK = textwrap.dedent("""
     import torch
@@ -114,7 +114,7 @@ def test_torch_impl_is_the_cpu_dispatch():
 def test_op_refuses_inputs_that_are_not_the_flattened_batch(shape):
     """vLLM passes [T, H]; a 3-D [B, S, H] input would steer the wrong rows (rows index tokens), so it is refused
     by the op, by its fake (tracing) and by the eager path alike."""
-    from vllm_emosteer.engine.ops import steer_add_eager
+    from vllm_emosteer.engine.worker.ops import steer_add_eager
 
     x = torch.zeros(shape)
     rows = torch.zeros(16, dtype=torch.int32)
@@ -133,7 +133,7 @@ def test_triton_op_registration_and_trace():
     pytest.importorskip("triton")
     from torch._library.triton import get_triton_kernels_for_op
 
-    import vllm_emosteer.engine.ops as ops
+    import vllm_emosteer.engine.worker.ops as ops
 
     assert ops.TRITON_OP
     kernels = get_triton_kernels_for_op("emosteer::steer_add_")

@@ -11,8 +11,8 @@ from engine_helpers import params, prompt, shutdown, tiny_llm
 
 from vllm_emosteer import steer
 from vllm_emosteer.vectors.bank import EmotionBank
-from vllm_emosteer.vectors.extract import Sample, consistency
-from vllm_emosteer.vectors.pairs import PairsError, load_pairs
+from vllm_emosteer.extraction.extract import Sample, consistency
+from vllm_emosteer.extraction.pairs import PairsError, load_pairs
 
 GOOD = [
     {"concept": "formal", "question": "How do I boil an egg?", "positive": "Answer in a very formal register.",

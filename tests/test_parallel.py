@@ -16,7 +16,7 @@ from conftest import EMOTIONS, TINY_HIDDEN, TINY_LAYERS, make_tiny_bank, make_ti
 from engine_helpers import params, prompt, shutdown, tiny_llm, tokens_and_logprobs
 
 from vllm_emosteer import load_set, steer
-from vllm_emosteer.engine.updates import ALLOW_ENV
+from vllm_emosteer.engine.frontend.set_changes import ALLOW_ENV
 from vllm_emosteer.vectors.bank import EmotionBank
 
 SPECS = [None, steer(joy=1.0), steer(anger=0.5, fear=0.5, positions="all"), steer(sadness=1.5, layers=(2, 3))]
@@ -131,8 +131,8 @@ def test_tensor_parallel_2_steers_partial_attention_sums_once(tiny_cohere, two_c
     from transformers import AutoConfig, AutoModelForCausalLM
     from tqdm.auto import tqdm
 
-    from vllm_emosteer.vectors.extract import Sample, mean_activations
-    from vllm_emosteer.vectors.vllm_capture import VllmExtractor
+    from vllm_emosteer.extraction.extract import Sample, mean_activations
+    from vllm_emosteer.extraction.vllm_capture import VllmExtractor
 
     model, vectors = tiny_cohere
     bank = EmotionBank.load(vectors)
@@ -210,7 +210,7 @@ def deepseek_like(first_moe_layer, flag="use_sequence_parallel_moe"):
 
 
 def test_sequence_parallel_residual_is_refused_and_its_attention_steered_on_rank_0():
-    from vllm_emosteer.engine.hooks import UnsupportedModelError, hook_targets, partial_sum_rank
+    from vllm_emosteer.engine.worker.hooks import UnsupportedModelError, hook_targets, partial_sum_rank
 
     model = deepseek_like(first_moe_layer=2)
     assert list(hook_targets(model, "residual", [0, 1], torch.bfloat16)) == [0, 1]  # before the split: whole
@@ -237,7 +237,7 @@ def test_vllm_layers_that_split_the_stream_set_a_flag_the_plugin_reads():
     import importlib.util
     from pathlib import Path
 
-    from vllm_emosteer.engine.hooks import SEQUENCE_PARALLEL_FLAGS
+    from vllm_emosteer.engine.worker.hooks import SEQUENCE_PARALLEL_FLAGS
 
     models = Path(importlib.util.find_spec("vllm").origin).parent / "model_executor" / "models"
     splitting = {}

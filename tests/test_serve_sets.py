@@ -7,7 +7,7 @@ import requests
 from server_helpers import Server
 
 from vllm_emosteer.engine.options import bundled_vectors_path
-from vllm_emosteer.engine.updates import ALLOW_ENV
+from vllm_emosteer.engine.frontend.set_changes import ALLOW_ENV
 from vllm_emosteer.vectors.bank import EmotionBank
 
 QUESTION = [{"role": "user", "content": "Tell me about your day."}]

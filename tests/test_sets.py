@@ -10,7 +10,7 @@ from conftest import EMOTIONS, TINY_HIDDEN, TINY_LAYERS
 from engine_helpers import params, prompt, tiny_llm, tokens_and_logprobs
 
 from vllm_emosteer import SetUpdateError, SteeringError, load_set, steer, unload_set
-from vllm_emosteer.engine.updates import ALLOW_ENV, set_file
+from vllm_emosteer.engine.frontend.set_changes import ALLOW_ENV, set_file
 from vllm_emosteer.vectors.bank import EmotionBank
 
 CONCEPTS = ["formal", "pirate"]
@@ -257,7 +257,7 @@ def test_layers_outside_the_hooked_ones_are_refused(tiny_llama, tiny_bank_path, 
 
 
 def test_runtime_changes_are_refused_with_several_api_servers(tiny_llama, tiny_bank_path, sets_dir, allowed):
-    from vllm_emosteer.engine.updates import FrontEnd
+    from vllm_emosteer.engine.frontend.set_changes import FrontEnd
 
     options = engine_options(tiny_llama, tiny_bank_path, sets_dir=str(sets_dir), max_sets=2)
     front = FrontEnd(options, None, None, api_servers=2)

@@ -86,7 +86,7 @@ def test_other_architectures_and_hooks_are_steered(tmp_path, default_model_dir, 
 def test_the_http_routes_are_loaded_without_dropping_other_plugins():
     """vLLM loads endpoint plugins only when VLLM_PLUGINS names them; `vllm-emosteer serve` adds ours to the
     user's list (or to every installed general plugin) and `vllm serve` without it gets a start-up warning."""
-    from vllm_emosteer.engine.plugin import routes_allowed
+    from vllm_emosteer.engine.frontend.validation import routes_allowed
     from vllm_emosteer.serving.serve import plugins_with_ours
 
     assert plugins_with_ours("lora_resolver, other") == "lora_resolver,other,emosteer"

@@ -7,8 +7,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from vllm_emosteer.vectors.extract import Sample, mean_activations
-from vllm_emosteer.vectors.vllm_capture import VllmExtractor
+from vllm_emosteer.extraction.extract import Sample, mean_activations
+from vllm_emosteer.extraction.vllm_capture import VllmExtractor
 
 
 def samples(count=7, seed=0):

@@ -18,7 +18,7 @@ def __getattr__(name):
 
         return getattr(spec, name)
     if name in ("load_set", "unload_set", "SetUpdateError"):
-        from .engine import updates
+        from .engine.frontend import set_changes as updates
 
         return getattr(updates, name)
     raise AttributeError(name)

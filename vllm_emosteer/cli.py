@@ -27,8 +27,8 @@ def cmd_extract(args) -> int:
 
     from .default_model import DEFAULT_MODEL_NAME, model_path
     from .emotions import EMOTIONS
-    from .vectors.extract import TEMPLATES, extract
-    from .vectors.pairs import PairsError, load_pairs
+    from .extraction.extract import TEMPLATES, extract
+    from .extraction.pairs import PairsError, load_pairs
 
     unknown = [e for e in args.emotions if e not in EMOTIONS]
     if unknown and not args.pairs:
@@ -61,7 +61,7 @@ def cmd_extract(args) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         return _die(f"cannot load model {model}: {str(exc).splitlines()[0]}", 1)
     if args.engine == "vllm":
-        from .vectors.vllm_capture import VllmExtractor
+        from .extraction.vllm_capture import VllmExtractor
 
         try:
             engine = VllmExtractor(model, args.hook, dtype=args.dtype, seed=args.seed,

@@ -12,7 +12,7 @@ steered request's KV is the unsteered model's before its first steered position 
 The front-end computes the key (it knows the sets' digests) and sends it inside the request's extra_args under
 CACHE_KEY; a client may not send that key (refused at validation), and the user's own cache_salt is left as it
 is, so no client-chosen value can ever produce a steering key. The engine core turns it into block keys by
-wrapping vLLM's `generate_block_hash_extra_keys` (vllm_internals.py names where it lives).
+wrapping vLLM's `generate_block_hash_extra_keys` (vllm_internals.py names where it lives: BLOCK_KEY_MODULES).
 
 A chat whose history holds a steered answer: the next turn's prompt (history + answer + question) is steered
 from its own last token, so its history is read unsteered, cold or warm alike; it reuses the cache of the
@@ -22,8 +22,10 @@ earlier turn only up to that turn's first steered position.
 from __future__ import annotations
 
 import functools
+import importlib
 
 from .spec import SteeringSpec, first_steered_position
+from .vllm_internals import BLOCK_KEY_MODULES, WRAPPED
 
 CACHE_KEY = "_emosteer_cache"  # in extra_args: [key, positions]; set by the front-end only
 
@@ -55,5 +57,24 @@ def with_steering_keys(original):
             return keys, next_index
         return (*(keys or ()), steering), next_index
 
-    generate_block_hash_extra_keys._emosteer_wrapped = True
+    setattr(generate_block_hash_extra_keys, WRAPPED, True)
     return generate_block_hash_extra_keys
+
+
+def install() -> list[str]:
+    """Engine core: the steering key in the block hashes, wrapped in every module that took vLLM's function by
+    name, so that hashes and KV events agree."""
+    patched = []
+    for name in BLOCK_KEY_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            if name == BLOCK_KEY_MODULES[0]:  # where the hashes are made: without it, refuse to run
+                raise
+            continue
+        function = getattr(module, "generate_block_hash_extra_keys", None)
+        if function is not None:
+            if not getattr(function, WRAPPED, False):
+                module.generate_block_hash_extra_keys = with_steering_keys(function)
+            patched.append(f"{name}.generate_block_hash_extra_keys")
+    return patched

@@ -5,7 +5,7 @@
     DELETE /v1/emosteer/sets/{name}  unload one
     GET    /emosteer                 the playground page (playground.py)
 
-Runtime changes need VLLM_EMOSTEER_ALLOW_RUNTIME_UPDATES=1 and the `sets_dir` option (engine/updates.py).
+Runtime changes need VLLM_EMOSTEER_ALLOW_RUNTIME_UPDATES=1 and the `sets_dir` option (engine/frontend/set_changes.py).
 A `vllm.endpoint_plugins` entry point. vLLM loads endpoint plugins only when they are named in VLLM_PLUGINS:
 start the server with `VLLM_PLUGINS=emosteer` (the name also allows the general plugin of the same name).
 """
@@ -33,7 +33,7 @@ def _error(status: int, message: str, parameter: str | None = None) -> JSONRespo
 
 def _failure(exc: Exception, action: str) -> JSONResponse:
     """A refused change (SetUpdateError: its own status), or an unexpected failure: 500, logged and counted."""
-    from ..engine.updates import SetUpdateError
+    from ..engine.frontend.set_changes import SetUpdateError
     from ..engine import metrics
 
     if isinstance(exc, SetUpdateError):
@@ -62,7 +62,7 @@ class EmosteerEndpoint:
 
         @app.post(ROUTE + "/sets")
         async def load_set(request: Request):
-            from ..engine.updates import load_set_async
+            from ..engine.frontend.set_changes import load_set_async
 
             if self.options is None:
                 return JSONResponse(NOT_ENABLED, status_code=404)
@@ -83,7 +83,7 @@ class EmosteerEndpoint:
 
         @app.delete(ROUTE + "/sets/{name}")
         async def unload_set(name: str):
-            from ..engine.updates import unload_set_async
+            from ..engine.frontend.set_changes import unload_set_async
 
             if self.options is None:
                 return JSONResponse(NOT_ENABLED, status_code=404)
@@ -116,7 +116,7 @@ def _runtime_updates(endpoint: EmosteerEndpoint) -> dict:
     with several API servers."""
     import os
 
-    from ..engine.updates import ALLOW_ENV
+    from ..engine.frontend.set_changes import ALLOW_ENV
 
     allowed = os.environ.get(ALLOW_ENV) == "1" and endpoint.api_servers == 1
     return {"load": allowed and endpoint.options.sets_dir is not None, "unload": allowed}

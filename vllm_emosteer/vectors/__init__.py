@@ -1,1 +1,1 @@
-"""Emotion vectors: the bank file, extraction, interop with other formats, inspection."""
+"""Emotion vectors: the bank file format, interop with other formats, inspection."""

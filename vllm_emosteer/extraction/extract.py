@@ -29,9 +29,9 @@ from importlib import resources
 import torch
 from tqdm.auto import tqdm
 
-from ..engine.hooks import ATTENTION_NAMES, attention_module
+from ..model_layers import ATTENTION_NAMES, attention_module
 from ..emotions import EMOTIONAL_INSTRUCTION, EMOTIONS, describe
-from .bank import EmotionBank, model_facts
+from ..vectors.bank import EmotionBank, model_facts
 from .pairs import Pair, PairsError, concepts_of
 
 RECIPES = ("contrast", "paper", "pairs")

@@ -6,32 +6,26 @@
   front-end's registry, so that no request is accepted for a set the workers lack.
 * Unloading or replacing a set is refused (HTTP 409) while unfinished requests of this front-end use it: a
   request never changes vectors halfway. While a change is under way, requests that name the set get a 400.
-* The prefix-cache salt of a steered request holds the digests of the sets it uses, so a set replaced under the
+* The prefix-cache key of a steered request holds the digests of the sets it uses, so a set replaced under the
   same name never reuses the old set's KV cache.
+* Refused with several API servers (`--api-server-count`): each keeps its own registry, and they would disagree.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
-import threading
-import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
-from . import metrics
-from ..vectors.bank import BankError, EmotionBank
-from .sets import check_set_name
-from .spec import referenced_sets
+from ...vectors.bank import BankError, EmotionBank
+from .. import metrics
+from ..sets import check_set_name
+from ..vllm_internals import UPDATE_SET_RPC, api_server_count
+from .usage import usage
 
 ALLOW_ENV = "VLLM_EMOSTEER_ALLOW_RUNTIME_UPDATES"
-RPC_METHOD = "emosteer_update_set"
-PENDING_TTL_S = 60.0  # a validated request that never reached the output processor stops counting after this
 
 
 class SetUpdateError(ValueError):
@@ -42,80 +36,7 @@ class SetUpdateError(ValueError):
         self.status = status
 
 
-class SetUsage:
-    """Which unfinished requests of this front-end use which sets (None: the default set).
 
-    A request counts from its validation (process_inputs, maybe on a tokenizer thread) until the output
-    processor finishes or aborts it; validation and the unload check take the same lock. Nothing outlives its
-    request: a validated request that never reaches the output processor stops counting after PENDING_TTL_S."""
-
-    def __init__(self):
-        self.lock = threading.RLock()
-        self._tokens = itertools.count()
-        # validated, not yet in the output processor: token -> (sets, time, id of its EngineCoreRequest or None)
-        self.pending: OrderedDict[int, tuple[frozenset, float, int | None]] = OrderedDict()
-        self.by_request: dict[int, int] = {}  # id(EngineCoreRequest) -> its pending token
-        self.in_flight: dict[str, frozenset] = {}  # internal request id -> sets
-
-    def _expire(self, now: float) -> None:
-        while self.pending:
-            token, (_, since, request_key) = next(iter(self.pending.items()))
-            if now - since < PENDING_TTL_S:
-                return
-            del self.pending[token]
-            self.by_request.pop(request_key, None)
-
-    def hold(self, sets) -> int:
-        """Count a request just validated (call under `lock`, with the validation)."""
-        with self.lock:
-            now = time.monotonic()
-            self._expire(now)
-            token = next(self._tokens)
-            self.pending[token] = (frozenset(sets), now, None)
-            return token
-
-    def attach(self, token: int, request) -> None:
-        with self.lock:
-            if token in self.pending:
-                sets, since, _ = self.pending[token]
-                self.pending[token] = (sets, since, id(request))
-                self.by_request[id(request)] = token
-
-    def release(self, token: int) -> None:
-        with self.lock:
-            self.pending.pop(token, None)
-
-    def registered(self, request) -> None:
-        """The output processor took the request (called after its add_request)."""
-        sets = referenced_sets(getattr(request.sampling_params, "extra_args", None))
-        with self.lock:
-            token = self.by_request.pop(id(request), None)
-            if token is not None:
-                self.pending.pop(token, None)
-            if sets:
-                self.in_flight[request.request_id] = frozenset(sets)
-
-    def finished(self, request_ids) -> None:
-        """The output processor finished or aborted these requests."""
-        with self.lock:
-            for request_id in request_ids:
-                self.in_flight.pop(request_id, None)
-
-    def held(self) -> int:
-        """How many entries this front-end holds (all of them belong to unfinished requests)."""
-        with self.lock:
-            return len(self.pending) + len(self.by_request) + len(self.in_flight)
-
-    def users(self, name: str, default: str, live) -> int:
-        """Unfinished requests that use set `name`; `live`: the output processor's unfinished request ids."""
-        match = {name, None} if name == default else {name}
-        with self.lock:
-            self._expire(time.monotonic())
-            return (sum(1 for sets, _, _ in self.pending.values() if sets & match)
-                    + sum(1 for r, sets in self.in_flight.items() if sets & match and r in live))
-
-
-usage = SetUsage()
 
 
 def set_file(sets_dir: Path | None, file) -> Path:
@@ -251,7 +172,7 @@ def rpc_args(name: str, bank: EmotionBank | None, source: str = "") -> tuple:
 
 def front_end_of(engine) -> FrontEnd:
     """`engine`: an `LLM`, an `LLMEngine` or an `AsyncLLM` (vLLM's engine client in `vllm serve`)."""
-    from .options import frontend_options, is_enabled
+    from ..options import frontend_options, is_enabled
 
     engine = getattr(engine, "llm_engine", engine)
     processor = engine.input_processor
@@ -259,7 +180,7 @@ def front_end_of(engine) -> FrontEnd:
     if not is_enabled(config):
         raise SetUpdateError("steering is not enabled on this engine", 404)
     return FrontEnd(frontend_options(processor), engine.output_processor, config.model_config.hf_config,
-                    getattr(config.parallel_config, "_api_process_count", 1))
+                    api_server_count(config))
 
 
 def load_set(llm, name: str, file: str, replace: bool = False) -> dict:
@@ -268,7 +189,7 @@ def load_set(llm, name: str, file: str, replace: bool = False) -> dict:
     bank, source = front.begin_load(name, file, replace)
     action = "replace" if replace else "load"
     with front.changing(name, action):
-        llm.collective_rpc(RPC_METHOD, args=rpc_args(name, bank, source))
+        llm.collective_rpc(UPDATE_SET_RPC, args=rpc_args(name, bank, source))
     return front.commit(name, action, bank, source)
 
 
@@ -277,7 +198,7 @@ def unload_set(llm, name: str) -> None:
     front = front_end_of(llm)
     front.begin_unload(name)
     with front.changing(name, "unload"):
-        llm.collective_rpc(RPC_METHOD, args=rpc_args(name, None))
+        llm.collective_rpc(UPDATE_SET_RPC, args=rpc_args(name, None))
     front.commit(name, "unload")
 
 
@@ -287,7 +208,7 @@ async def load_set_async(engine_client, name: str, file: str, replace: bool = Fa
     bank, source = await asyncio.to_thread(front.begin_load, name, file, replace)
     action = "replace" if replace else "load"
     with front.changing(name, action):
-        await engine_client.collective_rpc(RPC_METHOD, args=rpc_args(name, bank, source))
+        await engine_client.collective_rpc(UPDATE_SET_RPC, args=rpc_args(name, bank, source))
     return front.commit(name, action, bank, source)
 
 
@@ -295,19 +216,5 @@ async def unload_set_async(engine_client, name: str) -> None:
     front = front_end_of(engine_client)
     front.begin_unload(name)
     with front.changing(name, "unload"):
-        await engine_client.collective_rpc(RPC_METHOD, args=rpc_args(name, None))
+        await engine_client.collective_rpc(UPDATE_SET_RPC, args=rpc_args(name, None))
     front.commit(name, "unload")
-
-
-def update_set_on_worker(worker, name: str, vectors, metadata: str | None, source: str) -> str | None:
-    """The worker side of RPC_METHOD (installed as a method of vLLM's WorkerBase)."""
-    runtime = getattr(getattr(worker, "model_runner", None), "_emosteer", None)
-    if runtime is None:
-        raise RuntimeError("emosteer: this worker has no steering runtime")
-    bank = None
-    if vectors is not None:
-        meta = json.loads(metadata)
-        shape = (len(meta["layers"]), len(meta["emotions"]), -1)
-        tensor = torch.frombuffer(bytearray(vectors), dtype=torch.float32).reshape(shape)
-        bank = EmotionBank.from_parts(tensor, meta, source)
-    return runtime.update_set(name, bank, source)

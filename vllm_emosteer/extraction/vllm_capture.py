@@ -12,7 +12,8 @@ import os
 import numpy as np
 import torch
 
-from ..engine.capture import CAPTURE_KEY
+from ..engine.capture_request import CAPTURE_KEY
+from ..engine.vllm_internals import TAKE_CAPTURES_RPC
 
 
 class VllmExtractor:
@@ -53,7 +54,7 @@ class VllmExtractor:
                 "key": str(i), "from": max(len(s.context) - 1, 1), "norms_from": max(len(s.context), 1)}}))
         self.llm.generate(prompts, params, use_tqdm=True)
         bar.update(bar.total - bar.n)
-        return merge_captures(self.llm.collective_rpc("emosteer_take_captures"), len(samples),
+        return merge_captures(self.llm.collective_rpc(TAKE_CAPTURES_RPC), len(samples),
                               int(self.config.get_text_config().num_hidden_layers),
                               int(self.config.get_text_config().hidden_size))
 

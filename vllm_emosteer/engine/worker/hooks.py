@@ -5,9 +5,19 @@ Hook points (the bank's `hook`):
   anything the layer does with it (the paper's point). Extraction captures the same module's output, so the
   offset lands where the vectors were measured, also where the layer then normalises the output (Gemma 2/3,
   OLMo 2) or scales it (Granite's residual_multiplier).
-* residual: the stream after the decoder layer. A layer whose forward takes `residual` returns
-  (hidden, residual) whose sum is the stream (the next layer's fused add-norm adds them); the add goes into
-  `residual`, which keeps vLLM's fused add-norm patterns intact. A layer without it returns the stream itself.
+* residual: the stream after the decoder layer. How a layer hands the stream on is read from the source of its
+  forward (residual_kind), by whether it reads the `residual` it is given before it first assigns it:
+  - it reads it (vLLM's pre-norm layers: Llama, Qwen, Gemma 2/3, DeepSeek, GPT-OSS, ...): it returns
+    (hidden, residual) whose sum is the stream (the next layer's fused add-norm adds them); the add goes into
+    `residual`, which keeps vLLM's fused add-norm patterns intact;
+  - it overwrites it first (Command-R and Cohere2-MoE, Exaone 4, PhiMoE, MiniCPM, HyperCLOVAX, Gemma 4,
+    GraniteMoeHybrid, Molmo's norm-after layers, ...): it returns (stream, x), x being its input, a mid-layer
+    stream or None, which the next layer (overwriting it too) and the final norm never read; the add goes into
+    the stream, the first;
+  - its forward takes no `residual` (Granite, the Transformers backend, ...): it returns the stream itself.
+  A forward that takes `residual` and does neither (it assigns it only conditionally before any read, or never
+  mentions it), one whose source cannot be read, and a model whose layers mix the first kind with another (an
+  offset in `residual` would reach a layer that ignores it) are refused.
 
 Support is decided by structure, not by name: decoder layers at `model.model.layers` (vLLM's convention, and
 its Transformers backend's), each with an attention module for attn_out, and hooked tensors of shape [T, H]
@@ -33,44 +43,14 @@ capture), so torch.compile traces them into the graph.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-ATTENTION_NAMES = ("self_attn", "attn", "attention")
+from ...model_layers import (ATTENTION_NAMES, HIDDEN_PLUS_RESIDUAL, STREAM, STREAM_AND_IGNORED, UnsupportedModelError,
+                             attention_module, local_decoder_layers, residual_kind)
+
 # vLLM's decoder-layer flags for a sequence-parallel residual stream (set only with TP > 1: ParallelConfig.
 # use_sequence_parallel_moe needs expert parallel, TP > 1 and DP > 1 with an all-to-all backend that splits tokens)
 SEQUENCE_PARALLEL_FLAGS = ("use_sequence_parallel_moe", "use_attn_reduce_scatter_for_moe")
-
-
-class UnsupportedModelError(ValueError):
-    pass
-
-
-def local_decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Decoder layers present on this rank, by model layer index (pipeline ranks hold a slice)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise UnsupportedModelError(
-            f"emosteer cannot steer {type(model).__name__}: it has no decoder layers at model.model.layers"
-        )
-    inner = model.model
-    start = getattr(inner, "start_layer", 0)
-    end = getattr(inner, "end_layer", len(layers))
-    return {i: layers[i] for i in range(start, end)}
-
-
-def attention_module(layer: torch.nn.Module) -> torch.nn.Module | None:
-    for name in ATTENTION_NAMES:
-        module = getattr(layer, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    return None
-
-
-def returns_residual(layer: torch.nn.Module) -> bool:
-    """vLLM's pre-norm layers take the residual and return (hidden, residual); the others return the stream."""
-    return "residual" in inspect.signature(layer.forward).parameters
 
 
 def row_parallel_projections(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -100,6 +80,16 @@ def hook_targets(model: torch.nn.Module, hook: str, layer_indices, dtype: torch.
     """The module to hook for each local layer in `layer_indices`, or UnsupportedModelError naming what is missing."""
     layers = local_decoder_layers(model)
     split_from = sequence_parallel_from(layers) if hook == "residual" else None
+    if hook == "residual":  # an offset in a layer's `residual` must reach a layer that reads it
+        kinds = {i: residual_kind(layer, type(model).__name__) for i, layer in sorted(layers.items())}
+        if HIDDEN_PLUS_RESIDUAL in kinds.values() and len(set(kinds.values())) > 1:
+            first = next(i for i, kind in kinds.items() if kind == HIDDEN_PLUS_RESIDUAL)
+            other = next(i for i, kind in kinds.items() if kind != HIDDEN_PLUS_RESIDUAL)
+            raise UnsupportedModelError(
+                f"emosteer cannot steer {type(model).__name__} at residual: its decoder layers hand the stream on "
+                f"in different ways (layer {first}, {type(layers[first]).__name__}, returns {kinds[first]}; layer "
+                f"{other}, {type(layers[other]).__name__}, returns {kinds[other]}); use attn_out"
+            )
     targets = {}
     for index in layer_indices:
         layer = layers.get(index)
@@ -139,19 +129,19 @@ def hook_targets(model: torch.nn.Module, hook: str, layer_indices, dtype: torch.
     return targets
 
 
-def steered_tensor(output, hook: str, with_residual: bool, hidden_size: int, model_name: str) -> torch.Tensor:
-    """The [T, H] tensor of a hooked module's output that the offset goes into."""
+def steered_tensor(output, hook: str, kind: str | None, hidden_size: int, model_name: str) -> torch.Tensor:
+    """The [T, H] tensor of a hooked module's output that the offset goes into (`kind`: the layer's residual_kind,
+    at the residual hook)."""
     if hook == "attn_out":  # vLLM's attention returns a tensor; a Transformers-backend one (output, weights)
         x = output[0] if isinstance(output, tuple) else output
         what = "attention output"
-    elif with_residual:
+    elif kind in (HIDDEN_PLUS_RESIDUAL, STREAM_AND_IGNORED):
         if not (isinstance(output, tuple) and len(output) == 2):
             raise UnsupportedModelError(
                 f"emosteer cannot steer {model_name} at residual: a decoder layer that takes `residual` "
-                f"returned {type(output).__name__}, not (hidden, residual)"
+                f"returned {type(output).__name__}, not {kind}"
             )
-        x = output[1]
-        what = "residual"
+        x, what = (output[1], "residual") if kind == HIDDEN_PLUS_RESIDUAL else (output[0], "stream (first output)")
     else:
         x = output
         what = "decoder layer output"
@@ -184,7 +174,7 @@ def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dic
     model_name = type(model).__name__
     handles = []
     for layer_index, module in targets.items():
-        with_residual = hook == "residual" and returns_residual(layers[layer_index])
+        kind = residual_kind(layers[layer_index], model_name) if hook == "residual" else None
         # a partial sum (see the module docstring): steered on rank 0 only, all-reduced (a copy) for capture
         rank = partial_sum_rank(module) if hook == "attn_out" else None
         if rank is not None and runtime.capture is not None:
@@ -192,11 +182,11 @@ def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dic
         else:
             all_reduce = None
 
-        def steer_output(_module, _args, output, row=rows_by_layer[layer_index], with_residual=with_residual,
+        def steer_output(_module, _args, output, row=rows_by_layer[layer_index], kind=kind,
                          steer_here=rank in (None, 0), all_reduce=all_reduce):
-            x = steered_tensor(output, hook, with_residual, hidden_size, model_name)
+            x = steered_tensor(output, hook, kind, hidden_size, model_name)
             if runtime.capture is not None:  # capture mode: the activation as the model made it (the whole stream)
-                seen = output[0] + x if with_residual else x
+                seen = output[0] + x if kind == HIDDEN_PLUS_RESIDUAL else x
                 runtime.capture.add(all_reduce(seen.clone()) if all_reduce is not None else seen, row)
             if steer_here:
                 _steer(x, runtime, row)

@@ -4,7 +4,7 @@ An engine started with `{"emosteer": {"capture": "attn_out"}}` (or "residual") h
 extra_args hold `{"emosteer_capture": {"key": K, "from": F, "norms_from": N}}` (a prompt only, max_tokens 1)
 gets, at every layer, the fp32 sum of the hooked activation over its prompt positions >= F, and the token
 norms at positions >= N, accumulated on the device across prefill chunks. `take_captures` (a collective RPC,
-`vectors/vllm_capture.py`) returns them by key: tensor-parallel ranks hold the same values (rank 0 answers),
+`extraction/vllm_capture.py`) returns them by key: tensor-parallel ranks hold the same values (rank 0 answers),
 pipeline stages each answer for their own layers.
 
 Capture runs eagerly (no compilation, no CUDA graphs) and without prefix caching: a cached token is never
@@ -16,25 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-CAPTURE_KEY = "emosteer_capture"
-
-
-class CaptureError(ValueError):
-    pass
-
-
-def parse_capture(extra_args) -> tuple[str, int, int] | None:
-    """(key, from, norms_from) of a capture request, None for any other request."""
-    block = extra_args.get(CAPTURE_KEY) if isinstance(extra_args, dict) else None
-    if block is None:
-        return None
-    if not isinstance(block, dict) or set(block) - {"key", "from", "norms_from"} or not isinstance(
-            block.get("key"), str):
-        raise CaptureError(f"{CAPTURE_KEY} must be {{\"key\": str, \"from\": int, \"norms_from\": int}}, got {block!r}")
-    first, norms_from = block.get("from", 0), block.get("norms_from", block.get("from", 0))
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (first, norms_from)):
-        raise CaptureError(f"{CAPTURE_KEY}: 'from' and 'norms_from' must be non-negative integers, got {block!r}")
-    return block["key"], first, norms_from
+from ..capture_request import parse_capture
 
 
 class Capture:

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from vllm.v1.utils import CpuGpuBuffer
 
-from ..vectors.bank import EmotionBank
+from ...vectors.bank import EmotionBank
 from .capture import Capture
 from .ops import steer_add_eager
-from .options import EmosteerOptions
-from .spec import SteeringSpec, first_steered_position, parse_steering
+from ..options import EmosteerOptions
+from ..spec import SteeringSpec, first_steered_position, parse_steering
 
 logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
 UNSTEERED = -1
