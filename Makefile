@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.emosteer-installed
 
-.PHONY: setup browser demo test bench eval clean
+.PHONY: setup browser demo test test-unit bench eval clean
 
 setup: $(STAMP) browser
 
@@ -34,6 +34,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the engine-free lane (tests/unit): seconds, no vLLM engine
+test-unit: setup
+	$(PY) -m pytest -q -m "not engine" tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

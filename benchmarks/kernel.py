@@ -245,11 +245,11 @@ def steering_state(rig, model, max_tokens, slots):
     H, L = model.config.hidden_size, model.config.num_hidden_layers
     state = SimpleNamespace(
         options=SimpleNamespace(mode="fused"),
-        rows=SimpleNamespace(gpu=torch.full((max_tokens,), -1, device=rig.device, dtype=torch.int32)),
+        row_of_token=SimpleNamespace(gpu=torch.full((max_tokens,), -1, device=rig.device, dtype=torch.int32)),
         coeff=SimpleNamespace(gpu=torch.zeros(slots, L, E, device=rig.device)),
-        bank=rig.randn(L, E, H) * 0.5,
+        device_vectors=rig.randn(L, E, H) * 0.5,
     )
-    state.steer_eager = lambda x, row: ops.steer_add_eager(x, state.rows.gpu, state.coeff.gpu, state.bank, row)
+    state.steer_eager = lambda x, row: ops.steer_add_eager(x, state.row_of_token.gpu, state.coeff.gpu, state.device_vectors, row)
     state.handles = flattening_hooks(model, state)
     return state
 
@@ -277,18 +277,18 @@ def check_model(rig):
     ids = torch.randint(0, rig.vocab, (B, S), device=rig.device, generator=rig.g)
     state.coeff.gpu.copy_(rig.randn(B, layers, E))
     all_rows = torch.arange(B, device=rig.device, dtype=torch.int32).repeat_interleave(S)
-    state.rows.gpu.fill_(-1)
+    state.row_of_token.gpu.fill_(-1)
     plain = model(input_ids=ids, use_cache=False).logits
-    state.rows.gpu.copy_(all_rows)
+    state.row_of_token.gpu.copy_(all_rows)
     eager = model(input_ids=ids, use_cache=False).logits
     assert (eager - plain).abs().max() > 1e-2, "steering did not change the logits"
     alone = []
     for b in range(B):  # each sequence alone, with its own slot
-        state.rows.gpu.fill_(-1)
-        state.rows.gpu[:S] = b
+        state.row_of_token.gpu.fill_(-1)
+        state.row_of_token.gpu[:S] = b
         alone.append(model(input_ids=ids[b: b + 1], use_cache=False).logits)
     torch.testing.assert_close(eager, torch.cat(alone), rtol=1e-3, atol=1e-3)
-    state.rows.gpu.copy_(all_rows)
+    state.row_of_token.gpu.copy_(all_rows)
     static_ids = ids.clone()
     out = {}
 
@@ -422,7 +422,7 @@ def bench_model(rig):
         state = steering_state(rig, model, batch, batch) if steered else None
         if steered:
             state.coeff.gpu.copy_(rig.randn(batch, layers, E))
-            state.rows.gpu.copy_(torch.arange(batch, device=rig.device, dtype=torch.int32))
+            state.row_of_token.gpu.copy_(torch.arange(batch, device=rig.device, dtype=torch.int32))
         for _ in range(3):
             model(input_ids=ids, use_cache=False)
         name = "steered" if steered else "unsteered"

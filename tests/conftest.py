@@ -1,6 +1,8 @@
 """Shared fixtures: tiny local models (no hub), their vectors, and the default model.
 
-Engines are expensive on 2 cores: each test module shares one engine (module-scoped fixtures)."""
+Tests by topic: unit/ (no engine), engine/ (the real vLLM CPU engine; the command line, in subprocesses), server/
+(a real `vllm-emosteer serve`: HTTP, the browser). Tests under engine/ and server/ carry the marker `engine`:
+`pytest -m "not engine" tests` is the engine-free lane. Engines are expensive on 2 cores: each test module shares one engine (module-scoped fixtures)."""
 
 import os
 import shutil
@@ -18,6 +20,19 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ENGINE_FOLDERS = ("engine", "server")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "engine: starts the real vLLM engine or server (tests/engine, tests/server)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(item.path).parent.name in ENGINE_FOLDERS and Path(item.path).parent.parent == TESTS:
+            item.add_marker(pytest.mark.engine)
+
 
 TINY_HIDDEN = 128
 TINY_LAYERS = 4

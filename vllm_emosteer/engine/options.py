@@ -90,7 +90,7 @@ class EmosteerOptions:
     def config_digest(self) -> str:
         """What compiled graphs depend on: the start sets (vectors, layers, hook, emotions and the metadata that
         scales them, all in each bank's digest) and the bank's layout."""
-        start = [(s.name, s.digest, s.block) for s in self.sets.sets.values()]
+        start = [(s.name, s.digest, s.block) for s in self.sets.by_name.values()]
         return hashlib.sha256(repr((start, self.sets.max_sets, self.sets.width)).encode()).hexdigest()[:16]
 
     def describe(self) -> dict:

@@ -54,7 +54,7 @@ class VectorSets:
         self.max_intensity, self.max_emotions, self.max_dose = max_intensity, max_emotions, max_dose
         if max_sets < len(start):
             raise BankError(f"max_sets {max_sets} is less than the {len(start)} vector sets given at start")
-        self.sets: dict[str, VectorSet] = {}
+        self.by_name: dict[str, VectorSet] = {}
         self._limits: SteeringLimits | None = None
         self.busy: set[str] = set()  # front-end: names being changed (see updates.py)
         for name, (bank, source) in start.items():
@@ -86,19 +86,19 @@ class VectorSets:
                                 "option layers and the vectors' layers)")
 
     def free_block(self) -> int | None:
-        used = {s.block for s in self.sets.values()}
+        used = {s.block for s in self.by_name.values()}
         return next((b for b in range(self.max_sets) if b not in used), None)
 
     def add(self, name: str, bank: EmotionBank, source: str, block: int | None = None) -> VectorSet:
         """Register a set (a name already present is replaced in its own block)."""
         self.check(name, bank)
         if block is None:
-            block = self.sets[name].block if name in self.sets else self.free_block()
+            block = self.by_name[name].block if name in self.by_name else self.free_block()
         if block is None:
             raise BankError(f"no room for set {name!r}: all {self.max_sets} sets are loaded (option max_sets)")
-        self.sets[name] = VectorSet(name, bank, source, block, bank.digest())
+        self.by_name[name] = VectorSet(name, bank, source, block, bank.digest())
         self._limits = None
-        return self.sets[name]
+        return self.by_name[name]
 
     def set_busy(self, name: str, busy: bool) -> None:
         (self.busy.add if busy else self.busy.discard)(name)
@@ -106,11 +106,11 @@ class VectorSets:
 
     def remove(self, name: str) -> VectorSet:
         self._limits = None
-        return self.sets.pop(name)
+        return self.by_name.pop(name)
 
     @property
     def default(self) -> VectorSet:
-        return next(iter(self.sets.values()))
+        return next(iter(self.by_name.values()))
 
     # ---- layout -----------------------------------------------------------------------------------------
     def steered_rows(self, bank: EmotionBank | None = None) -> list[int]:
@@ -123,7 +123,7 @@ class VectorSets:
         """The model layers where the set's vectors are added."""
         return [self.layers[row] for row in self.steered_rows(bank)]
 
-    def rows(self, bank: EmotionBank) -> list[int]:
+    def bank_rows(self, bank: EmotionBank) -> list[int]:
         """The device bank's row of each of the set's layers."""
         return [self.row_of_layer[layer] for layer in bank.layers]
 
@@ -133,12 +133,12 @@ class VectorSets:
     def block_tensor(self, vector_set: VectorSet) -> torch.Tensor:
         """[len(layers), width, H]: the set's vectors at its layers' rows, zeros elsewhere."""
         block = torch.zeros(len(self.layers), self.width, self.hidden_size)
-        block[self.rows(vector_set.bank), : len(vector_set.bank.emotions)] = vector_set.bank.vectors
+        block[self.bank_rows(vector_set.bank), : len(vector_set.bank.emotions)] = vector_set.bank.vectors
         return block
 
     def device_bank(self, device) -> torch.Tensor:
         bank = torch.zeros(len(self.layers), self.max_sets * self.width, self.hidden_size, device=device)
-        for vector_set in self.sets.values():
+        for vector_set in self.by_name.values():
             self.write(bank, vector_set)
         return bank
 
@@ -154,21 +154,21 @@ class VectorSets:
             owner, emotion = split_name(name, default)
             by_set.setdefault(owner, {})[emotion] = value
         for owner, intensities in by_set.items():
-            vector_set = self.sets[owner]
+            vector_set = self.by_name[owner]
             start = self.columns(vector_set.block).start
             part = vector_set.bank.coefficients(intensities, spec.raw, spec.layers)  # [L_set, E_set]
-            coeff[self.rows(vector_set.bank), start: start + part.shape[1]] = part
+            coeff[self.bank_rows(vector_set.bank), start: start + part.shape[1]] = part
         return coeff
 
     def salt(self, spec: SteeringSpec) -> str:
         """The digests of the sets a request uses: replacing a set changes its requests' prefix-cache salt."""
-        return "-".join(self.sets[name].digest for name in sorted(spec.set_names(self.default.name)))
+        return "-".join(self.by_name[name].digest for name in sorted(spec.set_names(self.default.name)))
 
     # ---- what clients see -------------------------------------------------------------------------------
     @property
     def limits(self) -> SteeringLimits:
         if self._limits is None:
-            sets = {name: self._set_limits(s.bank) for name, s in self.sets.items()}
+            sets = {name: self._set_limits(s.bank) for name, s in self.by_name.items()}
             self._limits = SteeringLimits(sets, self.num_model_layers, self.max_intensity, self.max_emotions,
                                           frozenset(self.busy))
         return self._limits
@@ -190,4 +190,4 @@ class VectorSets:
     def describe(self) -> list[dict]:
         return [{"name": s.name, "emotions": s.bank.emotions, "layers": s.bank.layers, "units": s.bank.units,
                  "calibrated": dict(s.bank.calibration), "bands": dict(s.bank.bands), "digest": s.digest,
-                 "source": s.source, "default": s is self.default} for s in self.sets.values()]
+                 "source": s.source, "default": s is self.default} for s in self.by_name.values()]

@@ -108,7 +108,7 @@ class EmosteerEndpoint:
             self.engine_client = engine_client
             self.options = frontend_options(processor)
             self.api_servers = getattr(processor.vllm_config.parallel_config, "_api_process_count", 1)
-            metrics.SETS_LOADED.set(len(self.options.sets.sets))
+            metrics.SETS_LOADED.set(len(self.options.sets.by_name))
 
 
 def _runtime_updates(endpoint: EmosteerEndpoint) -> dict:

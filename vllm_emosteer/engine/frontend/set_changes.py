@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ...vectors.bank import BankError, EmotionBank
 from .. import metrics
-from ..sets import check_set_name
+from ..options import EmosteerOptions
+from ..sets import VectorSets, check_set_name
 from ..vllm_internals import UPDATE_SET_RPC, api_server_count
 from .usage import usage
 
@@ -66,12 +67,12 @@ class FrontEnd:
     """One front-end's view: its options (registry), its output processor, its model config and how many API
     servers share the engine (each has its own registry)."""
 
-    def __init__(self, options, output_processor, hf_config, api_servers: int = 1):
+    def __init__(self, options: EmosteerOptions, output_processor, hf_config, api_servers: int = 1):
         self.options, self.output_processor, self.hf_config = options, output_processor, hf_config
         self.api_servers = api_servers
 
     @property
-    def sets(self):
+    def sets(self) -> VectorSets:
         return self.options.sets
 
     def _allowed(self, action: str) -> None:
@@ -110,16 +111,16 @@ class FrontEnd:
                 self._refuse(action, f"set {name!r} is being changed by another call", 409)
             if replace:
                 self._check_unused(action, name)
-            elif name in self.sets.sets:
+            elif name in self.sets.by_name:
                 self._refuse(action, f"a set named {name!r} is loaded; unload it first or pass replace: true", 409)
-            elif len(set(self.sets.sets) | self.sets.busy) >= self.sets.max_sets:
+            elif len(set(self.sets.by_name) | self.sets.busy) >= self.sets.max_sets:
                 self._refuse(action, f"no room: all {self.sets.max_sets} sets are loaded (option max_sets)", 409)
             self.sets.set_busy(name, True)
         return bank, file
 
     def _check_unused(self, action: str, name: str) -> None:
-        if name not in self.sets.sets:
-            self._refuse(action, f"unknown vector set {name!r}; loaded: {list(self.sets.sets)}", 404)
+        if name not in self.sets.by_name:
+            self._refuse(action, f"unknown vector set {name!r}; loaded: {list(self.sets.by_name)}", 404)
         users = usage.users(name, self.sets.default.name, self.output_processor.request_states)
         if users:
             self._refuse(action, f"set {name!r} is used by {users} unfinished request(s); retry when they finish",
@@ -159,7 +160,7 @@ class FrontEnd:
                 self.sets.add(name, bank, source)
             self.sets.set_busy(name, False)
         metrics.count_set_update(action, "ok")
-        metrics.SETS_LOADED.set(len(self.sets.sets))
+        metrics.SETS_LOADED.set(len(self.sets.by_name))
         return None if bank is None else next(s for s in self.sets.describe() if s["name"] == name)
 
 

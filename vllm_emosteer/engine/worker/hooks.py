@@ -43,10 +43,15 @@ capture), so torch.compile traces them into the graph.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ...model_layers import (ATTENTION_NAMES, HIDDEN_PLUS_RESIDUAL, STREAM, STREAM_AND_IGNORED, UnsupportedModelError,
                              attention_module, local_decoder_layers, residual_kind)
+
+if TYPE_CHECKING:
+    from .runtime import SteeringRuntime
 
 # vLLM's decoder-layer flags for a sequence-parallel residual stream (set only with TP > 1: ParallelConfig.
 # use_sequence_parallel_moe needs expert parallel, TP > 1 and DP > 1 with an all-to-all backend that splits tokens)
@@ -155,22 +160,22 @@ def steered_tensor(output, hook: str, kind: str | None, hidden_size: int, model_
     return x
 
 
-def _steer(x, runtime, row: int):
+def _steer(x: torch.Tensor, runtime: SteeringRuntime, bank_row: int) -> None:
     if runtime.options.mode == "naive":
-        runtime.naive_add(x, row)
+        runtime.naive_add(x, bank_row)
     elif torch.compiler.is_compiling():  # traced: the op, always, so that no host decision is frozen in a graph
-        torch.ops.emosteer.steer_add_(x, runtime.rows.gpu, runtime.coeff.gpu, runtime.bank, row)
+        torch.ops.emosteer.steer_add_(x, runtime.row_of_token.gpu, runtime.coeff.gpu, runtime.device_vectors, bank_row)
     else:  # an eager forward (or one captured into a CUDA graph without compilation): no dispatcher
-        runtime.steer_eager(x, row)
+        runtime.steer_eager(x, bank_row)
 
 
-def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dict[int, int],
-                  dtype: torch.dtype) -> list:
+def install_hooks(model: torch.nn.Module, runtime: SteeringRuntime, hook: str,
+                  bank_row_of_layer: dict[int, int], dtype: torch.dtype) -> list:
     """Hook every local layer that has a bank row; returns the hook handles. Structure is checked here (at load)
     and the hooked tensor's shape at every call; the plugin makes sure one forward runs at start-up."""
-    targets = hook_targets(model, hook, rows_by_layer, dtype)
+    targets = hook_targets(model, hook, bank_row_of_layer, dtype)
     layers = local_decoder_layers(model)
-    hidden_size = runtime.bank.shape[-1]
+    hidden_size = runtime.device_vectors.shape[-1]
     model_name = type(model).__name__
     handles = []
     for layer_index, module in targets.items():
@@ -182,14 +187,14 @@ def install_hooks(model: torch.nn.Module, runtime, hook: str, rows_by_layer: dic
         else:
             all_reduce = None
 
-        def steer_output(_module, _args, output, row=rows_by_layer[layer_index], kind=kind,
+        def steer_output(_module, _args, output, bank_row=bank_row_of_layer[layer_index], kind=kind,
                          steer_here=rank in (None, 0), all_reduce=all_reduce):
             x = steered_tensor(output, hook, kind, hidden_size, model_name)
             if runtime.capture is not None:  # capture mode: the activation as the model made it (the whole stream)
                 seen = output[0] + x if kind == HIDDEN_PLUS_RESIDUAL else x
-                runtime.capture.add(all_reduce(seen.clone()) if all_reduce is not None else seen, row)
+                runtime.capture.add(all_reduce(seen.clone()) if all_reduce is not None else seen, bank_row)
             if steer_here:
-                _steer(x, runtime, row)
+                _steer(x, runtime, bank_row)
             runtime.hooks_ran = True
             return output
 

@@ -1,6 +1,7 @@
 """Per-step steering state of one model runner: persistent buffers refreshed in place before each forward.
 
-* `bank[L, C, H]` (fp32): the vector sets' blocks (`sets.py`); a set loaded at run time is written in place.
+* `device_vectors[L, C, H]` (fp32): the vector sets' blocks (`sets.py`), one bank row per hooked layer; a set
+  loaded at run time is written in place.
 * `coeff[slot, L, C]` (fp32): each steered request owns a slot while it is scheduled; its alphas are
   written once, when it gets the slot (zero outside the request's layer range).
 * `row_of_token[T_max]` (int32): for each token of the flattened batch, its request's slot, or -1 when the
@@ -47,16 +48,16 @@ class StepPlan:
 class SteeringRuntime:
     def __init__(self, options: EmosteerOptions, max_tokens: int, max_slots: int, device: torch.device):
         self.options = options
-        self.bank = options.sets.device_bank(device)  # fp32 [L, C, H]
-        L, E, H = self.bank.shape
+        self.device_vectors = options.sets.device_bank(device)  # fp32 [L, C, H]
+        L, E, H = self.device_vectors.shape
         pin = device.type == "cuda"
-        self.rows = CpuGpuBuffer(max_tokens, dtype=torch.int32, device=device, pin_memory=pin)
+        self.row_of_token = CpuGpuBuffer(max_tokens, dtype=torch.int32, device=device, pin_memory=pin)
         self.coeff = CpuGpuBuffer(max_slots, L, E, dtype=torch.float32, device=device, pin_memory=pin)
         if device.type == "cpu":  # one tensor serves both sides
-            self.rows.gpu = self.rows.cpu
+            self.row_of_token.gpu = self.row_of_token.cpu
             self.coeff.gpu = self.coeff.cpu
-        self.rows.np.fill(UNSTEERED)
-        self.rows.gpu.fill_(UNSTEERED)
+        self.row_of_token.np.fill(UNSTEERED)
+        self.row_of_token.gpu.fill_(UNSTEERED)
         self.start_of_slot = np.zeros(max_slots, dtype=np.int64)  # first steered position of the slot's request
         self.slot_of: dict[str, int] = {}  # scheduled request -> slot (UNSTEERED for unsteered requests)
         self.free_slots = list(range(max_slots - 1, -1, -1))
@@ -80,7 +81,7 @@ class SteeringRuntime:
     def register_buffers(self, model: torch.nn.Module) -> None:
         """Make the device tensors non-persistent buffers of the model: vLLM's sleep mode (level 2) discards the
         weights pool they live in and restores only parameters and named buffers."""
-        for name, tensor in (("bank", self.bank), ("rows", self.rows.gpu), ("coeff", self.coeff.gpu)):
+        for name, tensor in (("bank", self.device_vectors), ("rows", self.row_of_token.gpu), ("coeff", self.coeff.gpu)):
             model.register_buffer(f"emosteer_{name}", tensor, persistent=False)
 
     # ---- request lifetime -------------------------------------------------------------------------------
@@ -123,10 +124,10 @@ class SteeringRuntime:
         steps (a collective RPC); the front-end refuses it while requests that use the set are unfinished."""
         sets = self.options.sets
         if bank is None:
-            self.bank[:, sets.columns(sets.remove(name).block)].zero_()
+            self.device_vectors[:, sets.columns(sets.remove(name).block)].zero_()
             return None
         vector_set = sets.add(name, bank, source)
-        sets.write(self.bank, vector_set)
+        sets.write(self.device_vectors, vector_set)
         return vector_set.digest
 
     # ---- per step ---------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ class SteeringRuntime:
                 for slot in (self.slot_of[r] for r in admitted if self.slot_of[r] != UNSTEERED):
                     # one slot at a time: a batched matmul may sum in another order, and a request's offsets
                     # must not depend on which requests were admitted with it
-                    self.slot_offsets[slot] = torch.bmm(self.coeff.gpu[slot].unsqueeze(1), self.bank).squeeze(1)
+                    self.slot_offsets[slot] = torch.bmm(self.coeff.gpu[slot].unsqueeze(1), self.device_vectors).squeeze(1)
         if self.coeff_dirty:
             self.coeff.copy_to_gpu()
             self.coeff_dirty = False
@@ -155,19 +156,19 @@ class SteeringRuntime:
         total = int(num_tokens_per_req.sum())
         if (slots == UNSTEERED).all():
             if self.steered_upto:
-                self.rows.np[: self.steered_upto] = UNSTEERED
-                self.rows.copy_to_gpu(self.steered_upto)
+                self.row_of_token.np[: self.steered_upto] = UNSTEERED
+                self.row_of_token.copy_to_gpu(self.steered_upto)
                 self.steered_upto = 0
             self.plan = StepPlan(total) if self.host_plan else None
             return
         token_slot = np.repeat(slots, num_tokens_per_req)
         positions = np.repeat(num_computed, num_tokens_per_req) + query_pos[:total]
         first_steered = np.where(token_slot >= 0, self.start_of_slot[token_slot], NEVER)
-        rows = self.rows.np[:total]
+        rows = self.row_of_token.np[:total]
         rows[:] = np.where(positions >= first_steered, token_slot, UNSTEERED)
         stale = max(self.steered_upto, total)
-        self.rows.np[total:stale] = UNSTEERED
-        self.rows.copy_to_gpu(stale)
+        self.row_of_token.np[total:stale] = UNSTEERED
+        self.row_of_token.copy_to_gpu(stale)
         self.steered_upto = total
         if self.host_plan:
             self.plan = self._plan(rows, total)
@@ -187,21 +188,21 @@ class SteeringRuntime:
             return StepPlan(total, n, index, slot=first)
         return StepPlan(total, n, index, token_slots=torch.from_numpy(token_slots.astype(np.int64)))
 
-    def steer_eager(self, x: torch.Tensor, row: int) -> None:
+    def steer_eager(self, x: torch.Tensor, bank_row: int) -> None:
         """The op's work for an eager forward, using this step's host plan (the op's general path where there is
         none, where the kernel does it, or where x does not cover the step, e.g. a dummy run)."""
         plan = self.plan
         if plan is None or x.dim() != 2 or x.shape[0] < plan.total:
-            steer_add_eager(x, self.rows.gpu, self.coeff.gpu, self.bank, row)
+            steer_add_eager(x, self.row_of_token.gpu, self.coeff.gpu, self.device_vectors, bank_row)
             return
         if plan.steered == 0:
             return
         if plan.slot is not None:
-            offset = self.offset_rows[plan.slot][row]  # [H] fp32, a view: no indexing op per layer
+            offset = self.offset_rows[plan.slot][bank_row]  # [H] fp32, a view: no indexing op per layer
         elif plan.token_slots is not None:
-            offset = self.slot_offsets[plan.token_slots, row]  # [n, H] fp32
+            offset = self.slot_offsets[plan.token_slots, bank_row]  # [n, H] fp32
         else:
-            steer_add_eager(x, self.rows.gpu, self.coeff.gpu, self.bank, row)
+            steer_add_eager(x, self.row_of_token.gpu, self.coeff.gpu, self.device_vectors, bank_row)
             return
         if plan.index is None:  # the sum in fp32, rounded once into x's dtype (as the op)
             (x if x.shape[0] == plan.total else x[: plan.total]).add_(offset)
@@ -216,7 +217,7 @@ class SteeringRuntime:
         keep = (slots >= 0) & (first < ends)
         self.segments = list(zip(first[keep].tolist(), ends[keep].tolist(), slots[keep].tolist()))
 
-    def naive_add(self, x: torch.Tensor, row: int) -> None:
+    def naive_add(self, x: torch.Tensor, bank_row: int) -> None:
         """A Python loop over the batch's steered requests, in every layer."""
         for start, end, slot in self.segments:
-            x[start:end] += (self.coeff.gpu[slot, row] @ self.bank[row]).to(x.dtype)
+            x[start:end] += (self.coeff.gpu[slot, bank_row] @ self.device_vectors[bank_row]).to(x.dtype)

@@ -8,7 +8,7 @@ import numpy as np
 
 from vllm_emosteer.scores import EMOTIONS, emotion_scores, prototype_scores, top_emotion
 
-ANSWERS = json.loads((Path(__file__).parent / "data" / "smollm2_answers.json").read_text())
+ANSWERS = json.loads((Path(__file__).parents[1] / "data" / "smollm2_answers.json").read_text())
 
 
 def test_prototype_scorer_separates_emotional_from_neutral_answers():

@@ -18,7 +18,7 @@ from engine_helpers import params, prompt, shutdown, tiny_llm
 
 from vllm_emosteer import steer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The GPU machine has PyTorch, Triton and transformers but neither vLLM nor this package installed.
 WITHOUT_VLLM = textwrap.dedent("""
@@ -170,7 +170,7 @@ def buffer_names(model):
     runtime = model.emosteer_runtime
     buffers = dict(model.named_buffers())
     return {name: buffers[name].data_ptr() == tensor.data_ptr() for name, tensor in
-            (("emosteer_bank", runtime.bank), ("emosteer_rows", runtime.rows.gpu),
+            (("emosteer_bank", runtime.device_vectors), ("emosteer_rows", runtime.row_of_token.gpu),
              ("emosteer_coeff", runtime.coeff.gpu)) if name in buffers}
 
 
@@ -238,7 +238,7 @@ def test_host_plan_equals_the_op(runtime, dtype, specs, prompts, tokens, compute
     x = (torch.randn(total + padding, TINY_HIDDEN) * 3).to(dtype)
     expected, original = x.clone(), x.clone()
     for layer in range(TINY_LAYERS):
-        steer_add_torch(expected, runtime.rows.gpu, runtime.coeff.gpu, runtime.bank, layer)
+        steer_add_torch(expected, runtime.row_of_token.gpu, runtime.coeff.gpu, runtime.device_vectors, layer)
         runtime.steer_eager(x, layer)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(x, expected, rtol=tol, atol=tol)

@@ -11,8 +11,8 @@ import torch
 from vllm_emosteer.vectors.bank import BankError, EmotionBank
 from vllm_emosteer.vectors.interop import detect_format, export_gguf, import_gguf, import_paper_json
 
-PAPER = Path(__file__).resolve().parents[2] / "shared/data/emotionvector-paper/EMVector-qwen2.5"
-EXCERPT = Path(__file__).parent / "data/paper-qwen2.5-excerpt"
+PAPER = Path(__file__).resolve().parents[3] / "shared/data/emotionvector-paper/EMVector-qwen2.5"
+EXCERPT = Path(__file__).parents[1] / "data/paper-qwen2.5-excerpt"
 
 
 def test_import_paper_excerpt_real_values(tmp_path):
