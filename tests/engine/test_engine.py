@@ -1,4 +1,9 @@
-"""Steering inside the real vLLM CPU engine (tiny Llama, fp32, eager, chunked prefill at 64 tokens)."""
+"""Steering inside the real vLLM CPU engine (tiny Llama, fp32, eager, chunked prefill at 64 tokens): the offset is
+exact on the steered positions across chunks; other requests' specs never matter; a mixed batch equals one request
+at a time; results never depend on the prefix cache (warm == cold, a steered chat's next turn, a forged salt never
+shares steered KV, unsteered traffic shares a steered request's unsteered prefix); aborted and finished requests
+leave nothing behind, in the workers and in the front-end; bad input and streaming-input sessions are refused
+while the engine keeps serving."""
 
 import pickle
 

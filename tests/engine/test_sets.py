@@ -1,4 +1,7 @@
-"""Named vector sets in one engine, loaded, replaced and unloaded at run time (the Python API, real engine)."""
+"""Named vector sets in one engine, loaded, replaced and unloaded at run time (the Python API, real engine): exact
+offsets across sets, runtime set == start set, in-use refusals, every bad load (paths, corrupt or non-finite
+metadata, misfits, names, capacity, the flag) leaves the engine unchanged; layers and bands outside the hooked
+layers are refused; several API servers refuse runtime changes."""
 
 import os
 import pickle

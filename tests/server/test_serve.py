@@ -1,4 +1,7 @@
-"""`vllm serve` with emotions: a real server subprocess on the default model, the real `openai` client."""
+"""`vllm serve` with emotions: a real server subprocess on the default model, the real `openai` client: discovery,
+steered chat and completions (streaming equals non-streaming), 400s that name the field before any stream event,
+beam search with steering refused, steer_raw over HTTP, prefix-cache safety and a steered chat's next turn equal
+on a warm server and on one without prefix caching, start-up errors in one line."""
 
 import asyncio
 import random
