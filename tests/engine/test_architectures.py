@@ -422,7 +422,7 @@ def test_how_vllm_layers_hand_the_stream_on_is_read_from_their_forward():
     from vllm.model_executor.models import (commandr, deepseek_v2, exaone4, gemma2, gemma3, gpt_oss, granite,
                                             granitemoehybrid, llama, minicpm, phimoe, qwen2, qwen3, qwen3_moe)
 
-    from vllm_emosteer.engine.worker.hooks import HIDDEN_PLUS_RESIDUAL, STREAM, STREAM_AND_IGNORED, residual_kind
+    from vllm_emosteer.model_layers import HIDDEN_PLUS_RESIDUAL, STREAM, STREAM_AND_IGNORED, residual_kind
 
     expected = {
         HIDDEN_PLUS_RESIDUAL: [llama.LlamaDecoderLayer, qwen2.Qwen2DecoderLayer, qwen3.Qwen3DecoderLayer,
@@ -445,7 +445,7 @@ def test_every_vllm_layer_that_takes_residual_is_decided():
     import importlib.util
     from pathlib import Path
 
-    from vllm_emosteer.engine.worker.hooks import residual_use
+    from vllm_emosteer.model_layers import residual_use
 
     models = Path(importlib.util.find_spec("vllm").origin).parent / "model_executor" / "models"
     uses = {}

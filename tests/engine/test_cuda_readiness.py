@@ -148,7 +148,7 @@ def watch_input_prep(model):
 
     GPUModelRunner.synchronize_input_prep = flagged
     runtime = model.emosteer_runtime
-    for name in ("rows", "coeff"):
+    for name in ("row_of_token", "coeff"):
         buffer = getattr(runtime, name)
         copy = buffer.copy_to_gpu
 
@@ -186,7 +186,7 @@ def test_copies_inside_input_prep_window_and_buffers_registered(tiny_llama, tiny
         copies = [c for worker in llm.apply_model(take_copies) for c in worker]
     finally:
         shutdown(llm)
-    assert {name for name, _ in copies} == {"rows", "coeff"}, copies
+    assert {name for name, _ in copies} == {"row_of_token", "coeff"}, copies
     assert all(inside for _, inside in copies), [c for c in copies if not c[1]]
 
 

@@ -6,6 +6,7 @@ once, on rank 0); sequence-parallel MoE splits the residual stream across ranks 
 import functools
 import os
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -83,6 +84,8 @@ def test_plugin_inside_a_ray_actor(tiny_llama, tiny_bank_path, single):
     started_here = not ray.is_initialized()
     if started_here:  # .ci/run starts a local Ray instance (RAY_ADDRESS); without one, start one here
         env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_") or k in ("PYTHONPATH", "HF_HUB_OFFLINE")}
+        # the actor's class lives in this module: its workers import it by name from this folder
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address or None, num_cpus=None if address else 2, include_dashboard=False,
                  runtime_env={"env_vars": env})
