@@ -196,7 +196,7 @@ def test_a_client_cache_salt_never_shares_steered_kv(llm):
     llm.reset_prefix_cache()
     steered = llm.generate([shared], [params(extra)])[0]
     # salts a client could build from what the server publishes (set digests) and the spec
-    for forged in (f"emo-{sets.salt(spec)}-{spec.fingerprint()}", f"{sets.salt(spec)}-{spec.fingerprint()}"):
+    for forged in (f"emo-{sets.digests_of(spec)}-{spec.fingerprint()}", f"{sets.digests_of(spec)}-{spec.fingerprint()}"):
         out = llm.generate([dict(shared, cache_salt=forged)], [params()])[0]
         assert out.num_cached_tokens == 0
         back = llm.generate([dict(shared, cache_salt=forged)], [params(extra)])[0]

@@ -6,7 +6,7 @@ never see a new tensor; loading a set at run time writes its block in place, unl
 later must use the same hook point, fit in a block and cover only hooked layers.
 
 Every process keeps its own registry (the front-end validates requests against it, each worker scatters
-coefficients with it); `updates.py` changes them together.
+coefficients with it); `frontend/set_changes.py` changes them together.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class VectorSets:
             raise BankError(f"max_sets {max_sets} is less than the {len(start)} vector sets given at start")
         self.by_name: dict[str, VectorSet] = {}
         self._limits: SteeringLimits | None = None
-        self.busy: set[str] = set()  # front-end: names being changed (see updates.py)
+        self.busy: set[str] = set()  # front-end: names being changed (see frontend/set_changes.py)
         for name, (bank, source) in start.items():
             self.add(name, bank, source)
 
@@ -160,8 +160,8 @@ class VectorSets:
             coeff[self.bank_rows(vector_set.bank), start: start + part.shape[1]] = part
         return coeff
 
-    def salt(self, spec: SteeringSpec) -> str:
-        """The digests of the sets a request uses: replacing a set changes its requests' prefix-cache salt."""
+    def digests_of(self, spec: SteeringSpec) -> str:
+        """The digests of the sets a request uses: replacing a set changes its requests' prefix-cache key."""
         return "-".join(self.by_name[name].digest for name in sorted(spec.set_names(self.default.name)))
 
     # ---- what clients see -------------------------------------------------------------------------------

@@ -5,9 +5,9 @@
     DELETE /v1/emosteer/sets/{name}  unload one
     GET    /emosteer                 the playground page (playground.py)
 
-Runtime changes need VLLM_EMOSTEER_ALLOW_RUNTIME_UPDATES=1 and the `sets_dir` option (engine/frontend/set_changes.py).
-A `vllm.endpoint_plugins` entry point. vLLM loads endpoint plugins only when they are named in VLLM_PLUGINS:
-start the server with `VLLM_PLUGINS=emosteer` (the name also allows the general plugin of the same name).
+Runtime changes need VLLM_EMOSTEER_ALLOW_RUNTIME_UPDATES=1 and one API server; loads also need the `sets_dir` option
+(engine/frontend/set_changes.py). A `vllm.endpoint_plugins` entry point: vLLM loads endpoint plugins only when
+VLLM_PLUGINS names them, which `vllm-emosteer serve` sees to (serve.py).
 """
 
 from __future__ import annotations
@@ -100,14 +100,15 @@ class EmosteerEndpoint:
         return JSONResponse(NOT_ENABLED, status_code=404) if self.options is None else None
 
     async def init_state(self, engine_client, state, args) -> None:
-        from ..engine.options import frontend_options, is_enabled
         from ..engine import metrics
+        from ..engine.options import frontend_options, is_enabled
+        from ..engine.vllm_internals import api_server_count
 
         processor = getattr(engine_client, "input_processor", None)
         if processor is not None and is_enabled(processor.vllm_config):
             self.engine_client = engine_client
             self.options = frontend_options(processor)
-            self.api_servers = getattr(processor.vllm_config.parallel_config, "_api_process_count", 1)
+            self.api_servers = api_server_count(processor.vllm_config)
             metrics.SETS_LOADED.set(len(self.options.sets.by_name))
 
 

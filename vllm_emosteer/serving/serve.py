@@ -17,16 +17,16 @@ import importlib.metadata
 import os
 import sys
 
-PLUGIN = "emosteer"
-
 
 def plugins_with_ours(current: str | None) -> str:
     """The VLLM_PLUGINS value that loads what `current` loads and the plugin's routes too."""
+    from ..engine.frontend.validation import PLUGIN_NAME, listed_plugins
+
     if current is None:
         names = [entry.name for entry in importlib.metadata.entry_points(group="vllm.general_plugins")]
     else:
-        names = [name.strip() for name in current.split(",") if name.strip()]
-    return ",".join(dict.fromkeys([*names, PLUGIN]))
+        names = listed_plugins(current)
+    return ",".join(dict.fromkeys([*names, PLUGIN_NAME]))
 
 
 def main(args: list[str]) -> int:

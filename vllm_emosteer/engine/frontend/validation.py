@@ -35,9 +35,14 @@ def check_engine_features(config, options: EmosteerOptions) -> None:
         raise EmosteerConfigError("emosteer cannot steer this engine: " + "; ".join(problems))
 
 
+def listed_plugins(vllm_plugins: str) -> list[str]:
+    """The plugin names a VLLM_PLUGINS value lists (comma-separated, as vLLM reads it)."""
+    return [name.strip() for name in vllm_plugins.split(",") if name.strip()]
+
+
 def routes_allowed(vllm_plugins: str | None) -> bool:
     """Whether vLLM loads the plugin's endpoint plugin under this VLLM_PLUGINS value."""
-    return vllm_plugins is not None and PLUGIN_NAME in [name.strip() for name in vllm_plugins.split(",")]
+    return vllm_plugins is not None and PLUGIN_NAME in listed_plugins(vllm_plugins)
 
 
 def validate(processor, params) -> SteeringSpec | None:

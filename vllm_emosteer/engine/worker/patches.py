@@ -20,7 +20,8 @@ import numpy as np
 from ..options import is_enabled, options_from_vllm_config
 from ..vllm_internals import (RUNTIME_ATTR, TAKE_CAPTURES_RPC, UPDATE_SET_RPC, runtime_of, uses_cuda_graphs, wrap,
                               wrap_where_defined)
-from .hooks import install_hooks, local_decoder_layers
+from ...model_layers import local_decoder_layers
+from .hooks import install_hooks
 from .rpc import take_captures_on_worker, update_set_on_worker
 from .runtime import SteeringRuntime
 
