@@ -233,6 +233,8 @@ def cmd_eval(args) -> int:
 
     bank, source = _bank_arg(args.vectors)
     emotions = args.emotions or bank.emotions
+    if args.claims:
+        return _eval_claims(args, bank, source, emotions)
     prompts = neutral_prompts()[: args.prompts]
     if args.prototypes:
         return _eval_concepts(args, bank, source, prompts)
@@ -257,6 +259,46 @@ def cmd_eval(args) -> int:
         print(json.dumps(report))
     else:
         print(markdown(result))
+    return 0
+
+
+def _eval_claims(args, bank, source, emotions) -> int:
+    """eval --claims: the paper's four claims in one batch, a report with verdicts (quality/claims.py)."""
+    import datetime
+    import time
+
+    from .quality.claims import (QUERIES, WHOLE_PROMPTS, WHOLE_TOKENS, analyse, claim_variants, claims_questions,
+                                 emotional_queries)
+    from .quality.claims_report import markdown as claims_markdown
+    from .quality.claims_report import plot as claims_plot
+
+    started = time.time()
+    questions = claims_questions(args.prompts)
+    queries = {e: emotional_queries(e, args.queries or QUERIES) for e in emotions}
+    whole = questions[: args.whole_prompts or WHOLE_PROMPTS]
+    variants = claim_variants(emotions, questions, queries, whole)
+    result = _run_variants(args, str(source), variants, questions)
+    report = analyse(result, emotions)
+    report.update({
+        "vectors": str(source), "digest": bank.digest(), "model": args.model or "the default model",
+        "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "minutes": (time.time() - started) / 60,
+        "sizes": {"questions": len(questions), "queries": len(next(iter(queries.values()))), "whole": len(whole),
+                  "whole_tokens": WHOLE_TOKENS, "max_tokens": args.max_tokens, "requests": sum(
+                      len(v.prompts or questions) for v in variants)},
+        "note": "this file comes from the paper recipe, which draws its questions from EmotionQuery: the suppression "
+                "questions may be among them" if bank.recipe.get("recipe") == "paper" else "",
+        "rows": [{k: v for k, v in r.items() if k != "examples"} for r in result.rows]})
+    text = claims_markdown(report)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "claims.md").write_text(text)
+        (out / "claims.json").write_text(json.dumps({**report, "answers": result.answers}, indent=1))
+        summary = {k: report[k] for k in ("vectors", "digest", "model", "date", "expressed", "verdicts", "sizes")}
+        (out / "claims-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        claims_plot(report, out / "claims.png")
+    print(json.dumps(report) if args.json else text)
+    print(f"{report['sizes']['requests']} requests in {report['minutes']:.1f} min", file=sys.stderr)
     return 0
 
 
@@ -397,14 +439,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emotions", nargs="+")
     p.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"), help="sweep band, instead of --bands")
     p.add_argument("--positions", choices=["response", "all"], default="response")
-    p.add_argument("--prompts", type=int, default=64, help="how many of the 64 neutral prompts")
+    p.add_argument("--prompts", type=int, help="how many of the 64 neutral prompts (default: all; with --claims, "
+                                                "of the 32 calibration never reads)")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--extras", action="store_true", help="also two-emotion mixes and positions=all")
+    p.add_argument("--claims", action="store_true",
+                   help="the paper's four claims instead: dose-response, suppression, mixes, whole answers; a report "
+                        "with a verdict per claim (claims.md, claims.json, claims.png in --out)")
+    p.add_argument("--queries", type=int, help="--claims: EmotionQuery questions per emotion for suppression (20)")
+    p.add_argument("--whole-prompts", type=int, help="--claims: questions for the 256-token answers (16)")
     p.add_argument("--prototypes", help="your own concepts: a JSON file {concept: [example sentence, ...]}; each "
                                         "concept is steered at --intensity and scored against its sentences")
     p.add_argument("--out", help="folder for eval.md, eval.json and eval.png")
     p.add_argument("--json", action="store_true", help="print the table as one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    from .quality.evaluate import CALIBRATION_PROMPTS
 
     p = sub.add_parser("calibrate", help="store a dose (or alpha) and a layer band per emotion in a vectors file: "
                                          "intensity 1.0 = that dose on that band")
@@ -416,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", nargs="+", choices=bands, default=["middle third", "middle half"])
     p.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"), help="one band, instead of --bands")
     p.add_argument("--positions", choices=["response", "all"], default="response")
-    p.add_argument("--prompts", type=int, default=32,
-                   help="how many of the neutral prompts (the first ones; eval's other 32 stay held out)")
+    p.add_argument("--prompts", type=int, default=CALIBRATION_PROMPTS,
+                   help="how many of the neutral prompts (the first ones; eval --claims reads only the others)")
     p.add_argument("--max-tokens", type=int, default=48)
     p.set_defaults(func=cmd_calibrate)
     return parser

@@ -29,6 +29,7 @@ from ..scores import distinct2, embed, emotion_scores, prototype_scores, top_emo
 THRESHOLDS = {"distinct2": 0.6, "topic": 0.3, "ppl_ratio": 4.0}
 # calibration keeps a margin above the 0.6 gate: at a mean distinct-2 of 0.6, many single answers still loop
 CALIBRATION_DISTINCT2 = 0.7
+CALIBRATION_PROMPTS = 32  # calibrate reads the first 32 neutral prompts by default; eval --claims only the others
 
 
 def neutral_prompts() -> list[str]:
@@ -49,11 +50,16 @@ class Variant:
     group: str = "sweep"  # sweep, calibrated, prompt, mix, positions
     band: tuple[int, int] | None = None
     template: str | None = None  # the user turn, with {question}; None: the question alone
+    prompts: tuple[str, ...] | None = None  # its own questions (None: the ones evaluate() is given)
+    max_tokens: int | None = None  # its own answer length (None: evaluate()'s)
+    reference: str = "unsteered"  # the variant whose answer to the same question `sim` compares with
 
 
 @dataclass
 class EvalResult:
     rows: list[dict] = field(default_factory=list)
+    # per variant label, per answer: question, text, nade and minilm scores, coherent (no loop, on topic)
+    answers: dict[str, list[dict]] = field(default_factory=dict)
 
     def row(self, label):
         return next(r for r in self.rows if r["label"] == label)
@@ -113,66 +119,77 @@ def perplexities(llm, prompt_ids: list[list[int]], answer_ids: list[list[int]]) 
 
 def evaluate(llm, variants: list[Variant], prompts: list[str], max_tokens: int = 48, progress=True,
              concepts: dict[str, list[str]] | None = None) -> EvalResult:
-    """Every variant's answers to the prompts, scored. `concepts`: your own concepts' example sentences; each
-    concept row then says how far steering moved the answers toward them (MiniLM), beside the generic metrics."""
+    """Every variant's answers to its questions (`prompts` unless it has its own), scored, in one batch.
+    `concepts`: your own concepts' example sentences; each concept row then says how far steering moved the
+    answers toward them (MiniLM), beside the generic metrics."""
     from vllm import SamplingParams
 
-    conversations, params, index = [], [], []
+    conversations, params, index = [], [], []  # index: (variant, question) per request
     for v, variant in enumerate(variants):
-        for p, prompt in enumerate(prompts):
+        for prompt in variant.prompts or prompts:
             content = variant.template.format(question=prompt) if variant.template else prompt
             conversations.append([{"role": "user", "content": content}])
-            params.append(SamplingParams(max_tokens=max_tokens, temperature=0, extra_args=variant.extra_args))
-            index.append((v, p))
+            params.append(SamplingParams(max_tokens=variant.max_tokens or max_tokens, temperature=0,
+                                         extra_args=variant.extra_args))
+            index.append((v, prompt))
     outputs = llm.chat(conversations, params, use_tqdm=progress)
     texts = [o.outputs[0].text.strip() for o in outputs]
+    questions = sorted({p for _, p in index})
     # fluency under the unsteered model, after the plain question (also for the prompted baseline)
     tokenizer = llm.get_tokenizer()
-    plain = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=True) for p in prompts]
-    plain = [list(x["input_ids"] if hasattr(x, "keys") else x) for x in plain]
+    plain = {}
+    for q in questions:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                            tokenize=True)
+        plain[q] = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     ppl = perplexities(llm, [plain[p] for _, p in index], [list(o.outputs[0].token_ids) for o in outputs])
     scores, prototypes = emotion_scores(texts), prototype_scores(texts)
     answer_vecs = embed(texts)
-    prompt_vecs = embed(prompts)
-    base = {p: i for i, (v, p) in enumerate(index) if variants[v].label == "unsteered"}
+    question_vecs = dict(zip(questions, embed(questions)))
+    topic = [float(answer_vecs[i] @ question_vecs[p]) for i, (_, p) in enumerate(index)]
+    ok = [distinct2(t) >= THRESHOLDS["distinct2"] and c >= THRESHOLDS["topic"] for t, c in zip(texts, topic)]
+    answer_of = {(variants[v].label, p): i for i, (v, p) in enumerate(index)}
     concept_scores = concept_matrix(answer_vecs, concepts) if concepts else {}
     result = EvalResult()
     for v, variant in enumerate(variants):
         items = [i for i, (vv, _) in enumerate(index) if vv == v]
+        base = [answer_of.get((variant.reference, index[i][1])) for i in items]
+        base = base if all(b is not None for b in base) else None
         row = {"label": variant.label, "group": variant.group, "emotions": list(variant.target),
-               "alpha": variant.alpha, "band": list(variant.band) if variant.band else None}
+               "alpha": variant.alpha, "band": list(variant.band) if variant.band else None, "answers": len(items)}
         tops = [top_emotion(scores[i]) for i in items]
         tops_minilm = [top_emotion(prototypes[i]) for i in items]
         for emotion in EMOTIONS:
             row[f"score_{emotion}"] = float(np.mean([scores[i][emotion] for i in items]))
             row[f"top_{emotion}"] = float(np.mean([top == emotion for top in tops]))
             row[f"top_minilm_{emotion}"] = float(np.mean([top == emotion for top in tops_minilm]))
+            row[f"minilm_{emotion}"] = float(np.mean([prototypes[i][emotion] for i in items]))
         if variant.target:
             row["target"] = float(np.mean([np.mean([scores[i][e] for e in variant.target]) for i in items]))
             row["hit_nade"] = float(np.mean([top in variant.target for top in tops]))
             row["hit_minilm"] = float(np.mean([top in variant.target for top in tops_minilm]))
             # per answer: a hit that also stays coherent (no loop, on topic): fair to prompting, whose answers loop
-            ok = [distinct2(texts[i]) >= THRESHOLDS["distinct2"]
-                  and answer_vecs[i] @ prompt_vecs[index[i][1]] >= THRESHOLDS["topic"] for i in items]
-            row["coherent_hit_nade"] = float(np.mean([t in variant.target and o for t, o in zip(tops, ok)]))
-            row["coherent_hit_minilm"] = float(np.mean([t in variant.target and o for t, o in zip(tops_minilm, ok)]))
+            row["coherent_hit_nade"] = float(np.mean([t in variant.target and ok[i] for t, i in zip(tops, items)]))
+            row["coherent_hit_minilm"] = float(np.mean([t in variant.target and ok[i]
+                                                        for t, i in zip(tops_minilm, items)]))
             # for mixes: does each component show (is it among NADE's top two)?
             row["each_shows"] = {e: float(np.mean([e in sorted(EMOTIONS, key=scores[i].get)[-2:] for i in items]))
                                  for e in variant.target}
         if base:
-            row["sim"] = float(np.mean([answer_vecs[i] @ answer_vecs[base[index[i][1]]] for i in items]))
+            row["sim"] = float(np.mean([answer_vecs[i] @ answer_vecs[b] for i, b in zip(items, base)]))
         targets = [c for c in variant.target if c in concept_scores]
         if targets and base:
             score = lambda i: np.mean([concept_scores[c][i] for c in targets])  # noqa: E731
-            lift = [score(i) - score(base[index[i][1]]) for i in items]
+            lift = [score(i) - score(b) for i, b in zip(items, base)]
             row["concept_score"] = float(np.mean([score(i) for i in items]))
             row["concept_lift"], row["concept_moved"] = float(np.mean(lift)), float(np.mean([d > 0 for d in lift]))
-        row["topic"] = float(np.mean([answer_vecs[i] @ prompt_vecs[index[i][1]] for i in items]))
+        row["topic"] = float(np.mean([topic[i] for i in items]))
         row["ppl"] = float(np.nanmedian([ppl[i] for i in items]))
         row["distinct2"] = float(np.mean([distinct2(texts[i]) for i in items]))
         row["examples"] = [texts[i] for i in items[:2]]
         result.rows.append(row)
+        result.answers[variant.label] = [{"question": index[i][1], "text": texts[i], "nade": scores[i],
+                                          "minilm": prototypes[i], "coherent": ok[i]} for i in items]
     return result
 
 
