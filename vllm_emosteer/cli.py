@@ -280,7 +280,8 @@ def _eval_claims(args, bank, source, emotions) -> int:
     result = _run_variants(args, str(source), variants, questions)
     report = analyse(result, emotions)
     report.update({
-        "vectors": str(source), "digest": bank.digest(), "model": args.model or "the default model",
+        "vectors": args.vectors or f"{source.name} (bundled)", "digest": bank.digest(),
+        "model": args.model or "SmolLM2-135M-Instruct (the default model)",
         "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "minutes": (time.time() - started) / 60,
         "sizes": {"questions": len(questions), "queries": len(next(iter(queries.values()))), "whole": len(whole),
                   "whole_tokens": WHOLE_TOKENS, "max_tokens": args.max_tokens, "requests": sum(

@@ -33,8 +33,12 @@ QUERIES = 20  # EmotionQuery questions per emotion for suppression
 WHOLE_PROMPTS = 16
 # verdict thresholds: Spearman rho for "monotone"; the paper's ~90% cut read as ">= 80%"; a mix's components
 # both rising in at least half the answers (chance, for noise that moves each score either way: a quarter); the
-# last third of a whole answer keeping at least 80% of the first third's hit rate
-MONOTONE_RHO, SUPPRESSION_DROP, MIX_SHARE, THIRDS_KEPT = 0.8, 0.8, 0.5, 0.8
+# last third of a whole answer keeping at least 80% of the first third's hit rate, and the whole answer at least
+# 80% of the unsteered answers' distinct-2 (long greedy answers of a small model repeat themselves unsteered too)
+MONOTONE_RHO, SUPPRESSION_DROP, MIX_SHARE, THIRDS_KEPT, FLUENCY_KEPT = 0.8, 0.8, 0.5, 0.8, 0.8
+# "expressed": coherent hits in at least half the answers by both scorers; "partly": by one scorer, above the
+# chance of one emotion in five
+EXPRESSED, PARTLY = 0.5, 0.2
 
 
 def claims_questions(prompts: int | None = None) -> list[str]:
@@ -252,12 +256,15 @@ def verdicts(report: dict, emotions) -> dict:
     cut = [e for e in emotions if (drops[e] or 0) >= SUPPRESSION_DROP]
     pairs = mix["1+1"]
     additive = [p for p, s in pairs.items() if min(s.values()) >= MIX_SHARE]
-    kept = []
+    shows, kept, fluent = [], [], []
     for e in emotions:
         s, u = whole[e]["steered"], whole[e]["unsteered"]
-        if (s["thirds_agreed"][0] > u["thirds_agreed"][0] and s["thirds_agreed"][2] >= THIRDS_KEPT * s["thirds_agreed"][0]
-                and s["distinct2"] >= THRESHOLDS["distinct2"]):
-            kept.append(e)
+        first, last = s["thirds_agreed"][0], s["thirds_agreed"][2]
+        if first > u["thirds_agreed"][0]:
+            shows.append(e)
+            fluent += [e] if s["distinct2"] >= FLUENCY_KEPT * u["distinct2"] else []
+            kept += [e] if last >= THIRDS_KEPT * first and e in fluent else []
+    base_d2 = whole[emotions[0]]["unsteered"]["distinct2"]
     return {
         "continuous": _verdict(monotone, emotions, f"Spearman rho NADE/MiniLM up to where coherence breaks: {rho}"),
         "suppression": _verdict(cut, emotions, "NADE score cut by -1 on emotional questions: " + ", ".join(
@@ -265,20 +272,22 @@ def verdicts(report: dict, emotions) -> dict:
         "additivity": {**_verdict(additive, list(pairs), "pairs at 1+1 where both components rise (NADE/MiniLM): "
                                   + ", ".join(f"{p} {s['nade']:.2f}/{s['minilm']:.2f}" for p, s in pairs.items())),
                        "pairs": len(pairs)},
-        "consistency": _verdict(kept, emotions, "hit rate (both scorers) by third of a 256-token answer at 1: "
+        "consistency": {**_verdict(kept, emotions, "hit rate (both scorers) by third of a 256-token answer at 1: "
                                 + ", ".join(f"{e} " + "/".join(f"{h:.2f}" for h in whole[e]["steered"]["thirds_agreed"])
-                                            for e in emotions)),
+                                            for e in emotions)
+                                + f"; distinct-2 of the whole answer (unsteered {base_d2:.2f}): " + ", ".join(
+                                    f"{e} {whole[e]['steered']['distinct2']:.2f}" for e in emotions)),
+                        "shows_in_first_third": shows, "fluency_kept": fluent},
     }
 
 
 def expressed(result: EvalResult, emotions) -> dict[str, str]:
-    """Per emotion at intensity 1: 'yes' when both scorers find coherent hits in at least half the answers,
-    'partly' when one of them does or both in a fifth, else 'no'."""
+    """Per emotion at intensity 1: 'yes', 'partly' or 'no' (EXPRESSED, PARTLY)."""
     out = {}
     for e in emotions:
         row = result.row(f"{e} 1")
         low, high = sorted((row["coherent_hit_nade"], row["coherent_hit_minilm"]))
-        out[e] = "yes" if low >= 0.5 else "partly" if high >= 0.5 or low >= 0.2 else "no"
+        out[e] = "yes" if low >= EXPRESSED else "partly" if high >= PARTLY else "no"
     return out
 
 

@@ -155,7 +155,7 @@ def plot(report: dict, out) -> None:
                 ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", color="white")
     ax.set_xticks(range(len(emotions)), emotions)
     ax.set_yticks(range(len(emotions)), emotions)
-    ax.set_title(f"3. both components rise (lower of NADE, MiniLM); upper {high}, lower {low}")
+    ax.set_title(f"3. mixes: both components rise\n(lower of NADE, MiniLM; above the diagonal {high}, below {low})")
     fig.colorbar(image, ax=ax)
     ax = axes[1, 1]
     for e in emotions:
