@@ -73,3 +73,11 @@ def test_usage_errors():
     assert run("extract").returncode == 2
     bad_emotion = run("extract", "--out", "/tmp/x.safetensors", "--emotions", "love")
     assert bad_emotion.returncode == 2 and "unknown emotion(s) ['love']" in bad_emotion.stderr
+
+
+def test_demo_runs_and_closes_with_the_claims_verdict():
+    result = run("demo", "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "21 requests with 7 different steering settings ran in one batch" in result.stdout
+    assert "temperature 0.7" in result.stdout and "--- fear+sadness 1+1" in result.stdout
+    assert "joy expressed" in result.stdout.splitlines()[-1]
