@@ -1,5 +1,6 @@
-"""alpha = 0 or no spec is bit-identical to an engine without the plugin; eager equals compiled;
-steering survives preemption and recompute."""
+"""alpha = 0 or no spec is bit-identical to an engine without the plugin, eager and compiled (the compiled CPU
+graphs run the add in every hooked layer, as plain torch ops that Inductor fuses with the layer's own); eager equals
+compiled; steering survives preemption and recompute."""
 
 import os
 
@@ -11,22 +12,37 @@ from vllm_emosteer import steer
 
 PROMPTS = [prompt(20 + 9 * i, 100 + i) for i in range(4)]
 MIXED = [steer(joy=1.2), None, steer(anger=0.6, fear=0.6, positions="all"), steer(sadness=1.5, layers=(1, 2))]
+ZERO = [steer(joy=0.0), None, {"emotion": "fear", "intensity": 0}, steer(anger=0.0, positions="all")]
 
 
 def run(llm, specs, max_tokens=8):
     return [tokens_and_logprobs(o) for o in llm.generate(PROMPTS, [params(s, max_tokens) for s in specs])]
 
 
-@pytest.fixture(scope="module")
-def without_plugin(tiny_llama):
+def results_without_plugin(tiny_llama, **overrides):
     os.environ["VLLM_PLUGINS"] = "none-such-plugin"  # an allowlist naming nothing: workers load no plugin
     try:
-        llm = tiny_llm(tiny_llama, emosteer=False)
+        llm = tiny_llm(tiny_llama, emosteer=False, **overrides)
     finally:
         del os.environ["VLLM_PLUGINS"]
     results = run(llm, [None] * 4)
     shutdown(llm)
     return results
+
+
+@pytest.fixture(scope="module")
+def without_plugin(tiny_llama):
+    return results_without_plugin(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_llama, tiny_bank_path):
+    """The compiled engine's results: ZERO, then MIXED (the order the eager engine sees them in)."""
+    llm = tiny_llm(tiny_llama, tiny_bank_path, enforce_eager=False)
+    try:
+        return {"zero": run(llm, ZERO), "mixed": run(llm, MIXED)}
+    finally:
+        shutdown(llm)
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +53,16 @@ def eager(tiny_llama, tiny_bank_path):
 
 
 def test_zero_and_no_spec_are_bit_identical_to_no_plugin(eager, without_plugin):
-    zero = [steer(joy=0.0), None, {"emotion": "fear", "intensity": 0}, steer(anger=0.0, positions="all")]
-    assert run(eager, zero) == without_plugin
+    assert run(eager, ZERO) == without_plugin
 
 
-def test_compiled_equals_eager(tiny_llama, tiny_bank_path, eager):
+def test_compiled_zero_and_no_spec_are_bit_identical_to_compiled_no_plugin(tiny_llama, compiled):
+    assert compiled["zero"] == results_without_plugin(tiny_llama, enforce_eager=False)
+
+
+def test_compiled_equals_eager(eager, compiled):
     expected = run(eager, MIXED)
-    llm = tiny_llm(tiny_llama, tiny_bank_path, enforce_eager=False)
-    try:
-        got = run(llm, MIXED)
-    finally:
-        shutdown(llm)
+    got = compiled["mixed"]
     for (ids_e, lp_e), (ids_c, lp_c) in zip(expected, got):
         assert ids_e == ids_c
         np.testing.assert_allclose(lp_e, lp_c, atol=1e-3)

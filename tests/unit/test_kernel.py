@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,3 +170,80 @@ def test_block_table_covers_every_size():
             block_t, block_h, warps = block_config(H, T)
             assert block_t >= 1 and block_h >= 16 and warps in (1, 2, 4, 8, 16)
             assert block_h <= max(16, 1 << (H - 1).bit_length())
+
+
+def _slot_offsets(coeff, bank):
+    """[slots, L, H]: each slot's offset at every bank row, as the runtime's host-plan table holds them."""
+    return torch.stack([torch.bmm(coeff[s].unsqueeze(1), bank).squeeze(1) for s in range(coeff.shape[0])])
+
+
+@pytest.mark.parametrize("table", [True, False], ids=["slot-offsets", "coeff-and-bank"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_form_equals_the_op(table, dtype):
+    """The compiled CPU path's form (no nonzero): the steered tokens get the op's sum (rounded once), the others keep
+    x bit for bit; the row buffer is longer than the batch and its tail is ignored."""
+    from vllm_emosteer.engine.worker.ops import steer_add_masked
+
+    g = torch.Generator().manual_seed(3)
+    coeff, bank = torch.randn(6, 3, 5, generator=g), torch.randn(3, 5, 40, generator=g)
+    rows = torch.tensor([-1, 0, 5, -1, 2, 2, -1, 1, 3, 4, 0, 0, 5, 5], dtype=torch.int32)  # T = 11, then stale
+    x = (torch.randn(11, 40, generator=g) * 3).to(dtype)
+    expected = x.clone()
+    steer_add_torch(expected, rows, coeff, bank, 2)
+    got = x.clone()
+    steer_add_masked(got, rows, coeff, bank, 2, _slot_offsets(coeff, bank) if table else None)
+    unsteered = rows[:11] < 0
+    assert torch.equal(got[unsteered], x[unsteered])
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:  # the fp32 sums may differ in the last bit, so the rounding into bf16 may differ by one step
+        torch.testing.assert_close(got.float(), expected.float(), rtol=8e-3, atol=8e-3)
+
+
+@pytest.mark.parametrize("table", [True, False], ids=["slot-offsets", "coeff-and-bank"])
+def test_compiled_cpu_hook_is_plain_torch_without_nonzero(table):
+    """What a hook traces on CPU (hooks._steer under torch.compile): plain torch ops, neither nonzero nor the op,
+    one graph for every T (no recompilation, no graph break), and the buffers read in place at every call, as the
+    runner rewrites rows, coefficients, the bank (a set loaded after compilation) and the per-slot table."""
+    from vllm_emosteer.engine.worker import hooks
+
+    g = torch.Generator().manual_seed(4)
+    S, L, E, H = 8, 2, 3, 32
+    coeff, bank = torch.zeros(S, L, E), torch.zeros(L, E, H)
+    runtime = SimpleNamespace(options=SimpleNamespace(mode="fused"), row_of_token=SimpleNamespace(gpu=torch.full(
+        (512,), -1, dtype=torch.int32)), coeff=SimpleNamespace(gpu=coeff), device_vectors=bank,
+        slot_offsets=torch.zeros(S, L, H) if table else None)
+    linear = torch.nn.Linear(H, H)
+
+    def block(x):
+        y = linear(x)
+        hooks._steer(y, runtime, 1)
+        return torch.relu(y) * 2
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        graphs.append(gm.code)
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    for step, T in enumerate((5, 64, 300, 7)):
+        rows = runtime.row_of_token.gpu
+        rows.fill_(-1)
+        rows[:T] = torch.randint(-1, S, (T,), generator=g, dtype=torch.int32)
+        rows[T: T + 9] = 0  # stale rows beyond the batch: ignored
+        coeff.copy_(torch.randn(S, L, E, generator=g))
+        bank.copy_(torch.randn(L, E, H, generator=g) * (step + 1))  # new vectors after compilation
+        if table:
+            runtime.slot_offsets.copy_(_slot_offsets(coeff, bank))
+        x = torch.randn(T, H, generator=g)
+        torch._dynamo.mark_dynamic(x, 0)
+        with torch.no_grad():
+            expected = linear(x)
+            steer_add_torch(expected, rows, coeff, bank, 1)
+            expected = torch.relu(expected) * 2
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: recompiled"
+    assert "nonzero" not in graphs[0] and "emosteer" not in graphs[0], graphs[0]

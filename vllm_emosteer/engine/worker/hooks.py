@@ -49,6 +49,7 @@ import torch
 
 from ...model_layers import (ATTENTION_NAMES, HIDDEN_PLUS_RESIDUAL, STREAM, STREAM_AND_IGNORED, UnsupportedModelError,
                              attention_module, local_decoder_layers, residual_kind)
+from .ops import steer_add_masked
 
 if TYPE_CHECKING:
     from .runtime import SteeringRuntime
@@ -163,8 +164,13 @@ def steered_tensor(output, hook: str, kind: str | None, hidden_size: int, model_
 def _steer(x: torch.Tensor, runtime: SteeringRuntime, bank_row: int) -> None:
     if runtime.options.mode == "naive":
         runtime.naive_add(x, bank_row)
-    elif torch.compiler.is_compiling():  # traced: the op, always, so that no host decision is frozen in a graph
-        torch.ops.emosteer.steer_add_(x, runtime.row_of_token.gpu, runtime.coeff.gpu, runtime.device_vectors, bank_row)
+    elif torch.compiler.is_compiling():  # traced: the add, always, so that no host decision is frozen in a graph
+        if x.device.type == "cuda":  # the op: Inductor sees the Triton kernel itself
+            torch.ops.emosteer.steer_add_(x, runtime.row_of_token.gpu, runtime.coeff.gpu, runtime.device_vectors,
+                                          bank_row)
+        else:  # plain torch ops (mask and gather) that Inductor fuses; the host plan's per-slot table where it has one
+            steer_add_masked(x, runtime.row_of_token.gpu, runtime.coeff.gpu, runtime.device_vectors, bank_row,
+                             runtime.slot_offsets)
     else:  # an eager forward (or one captured into a CUDA graph without compilation): no dispatcher
         runtime.steer_eager(x, bank_row)
 

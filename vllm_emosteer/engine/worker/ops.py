@@ -1,4 +1,4 @@
-"""The steering add as a torch custom op: `torch.ops.emosteer.steer_add_`.
+"""The steering add as a torch custom op, `torch.ops.emosteer.steer_add_`, and its traced CPU form.
 
     x[t, :] += sum_e coeff[row[t], layer, e] * bank[layer, e, :]   for every t with row[t] >= 0
 
@@ -10,11 +10,15 @@ Registration:
 * Where Triton imports, `steer_add_` is a `torch.library.triton_op`: on CUDA it launches the fused Triton kernel
   through `wrap_triton`, so torch.compile (Inductor) sees the kernel itself rather than an opaque call; on any
   other device it calls `steer_add_torch_`.
-* `steer_add_torch_` is an opaque op (torch gather + matmul, a fake that does nothing): the CPU path, opaque so
-  that tracing never sees its data-dependent `nonzero`.
+* `steer_add_torch_` is an opaque op (torch gather + matmul, a fake that does nothing), so that no trace sees its
+  data-dependent `nonzero`.
 * Without Triton (or with VLLM_EMOSTEER_OPAQUE_OP=1), `steer_add_` is an opaque op as well (CPU: torch;
   CUDA: the kernel launched from Python, if Triton imports at all).
-The op always runs, so compiled graphs and CUDA graphs never freeze a branch.
+
+What the hooks run while torch.compile traces: on CUDA the op; on any other device `steer_add_masked`, plain torch
+ops with neither `nonzero` nor a branch (every token's offset is gathered, and a mask keeps the unsteered tokens),
+which Inductor fuses into one loop over x. Either way the add always runs, so compiled graphs and CUDA graphs
+never freeze a branch.
 """
 
 from __future__ import annotations
@@ -53,6 +57,29 @@ def steer_add_torch(x: torch.Tensor, row_of_token: torch.Tensor, coeff: torch.Te
         return
     offset = coeff[rows[steered].long(), layer] @ bank[layer]  # [n, H] fp32
     x[steered] = (x[steered].float() + offset).to(x.dtype)
+
+
+def steer_add_masked(x: torch.Tensor, row_of_token: torch.Tensor, coeff: torch.Tensor, bank: torch.Tensor,
+                     layer: int, slot_offsets: torch.Tensor | None = None) -> None:
+    """The op's work as plain torch ops for torch.compile to trace (the compiled CPU path): no `nonzero`, no
+    data-dependent branch, no dynamic size but T. Every token's offset is gathered by its row clamped to a valid
+    slot, and `torch.where` on `row >= 0` keeps the unsteered tokens' x bit for bit; the sum is in fp32, rounded
+    once into x. Inductor fuses it into one loop over [T, H] (and into x's neighbours).
+
+    `slot_offsets` ([slots, L, H] fp32: each slot's offset at every bank row, the runtime's host-plan table)
+    makes the offset a gather of one row; without it, the offset is summed over E from coeff and bank (unrolled
+    by Inductor up to 8 columns; a matmul here is slower on CPU, and the sum's cost grows with E)."""
+    check_shapes(x, row_of_token, coeff, bank)
+    if slot_offsets is not None and tuple(slot_offsets.shape) != (coeff.shape[0], bank.shape[0], bank.shape[2]):
+        raise ValueError(f"emosteer: slot_offsets {tuple(slot_offsets.shape)} does not fit coeff "
+                         f"{tuple(coeff.shape)} and bank {tuple(bank.shape)}")
+    rows = row_of_token[: x.shape[0]]  # the buffer is longer than the batch
+    slots = rows.clamp(0, coeff.shape[0] - 1).long()  # the upper bound spares Inductor an index check
+    if slot_offsets is not None:
+        offset = slot_offsets[slots, layer]  # [T, H] fp32
+    else:
+        offset = (coeff[slots, layer].unsqueeze(2) * bank[layer]).sum(1)  # [T, H] fp32
+    x.copy_(torch.where((rows >= 0).unsqueeze(1), (x.float() + offset).to(x.dtype), x))
 
 
 def steer_add_eager(x: torch.Tensor, row_of_token: torch.Tensor, coeff: torch.Tensor, bank: torch.Tensor,

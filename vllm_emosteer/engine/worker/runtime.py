@@ -7,8 +7,10 @@
 * `row_of_token[T_max]` (int32): for each token of the flattened batch, its request's slot, or -1 when the
   token is not steered (unsteered request, prompt token in "response" mode, padding).
 
-Both are allocated once, before profiling, compilation and graph capture, and never reallocated; the op
-reads them as tensors, so a compiled graph or a CUDA graph sees new values at every step.
+They are allocated once, before profiling, compilation and graph capture, and never reallocated. Compiled graphs
+and CUDA graphs read them as tensors (on CUDA the op; compiled on CPU, plain torch ops that gather from
+`slot_offsets`, the host plan's per-slot table, or from coeff and bank where there is no table), so they see new
+values at every step.
 """
 
 from __future__ import annotations
@@ -65,13 +67,14 @@ class SteeringRuntime:
         self.steered_upto = 0  # rows[:steered_upto] may hold stale slots
         self.segments: list[tuple[int, int, int]] = []  # mode "naive" only: (first token, end, slot) per request
         # Host-side plan of the step, for forwards that run eagerly (set by install_steering: CPU, or CUDA without
-        # CUDA graphs). Compiled graphs and captured CUDA graphs always call the op and never read it.
+        # CUDA graphs). Compiled graphs and captured CUDA graphs never read it: they always run the add.
         self.capture = Capture(L, H, device) if options.capture else None  # capture mode (extraction)
         self.host_plan = False
         self.plan: StepPlan | None = None
         self.hooks_ran = False  # a hooked forward has run (and checked the hooked tensors' shapes)
         # CPU host plan: each slot's offsets at every bank row, [slots, L, H] fp32, computed once when a request
-        # gets the slot, so that a steered layer costs one small add (no per-step or per-layer matmul)
+        # gets the slot, so that a steered layer costs one small add (no per-step or per-layer matmul); compiled CPU
+        # graphs gather from it too (hooks._steer), so eager and compiled add the same fp32 offsets
         self.slot_offsets: torch.Tensor | None = None
         self.offset_rows: list[tuple[torch.Tensor, ...]] = []  # per slot, its [H] offset at each bank row (views)
         if device.type == "cpu" and max_slots * L * H <= SLOT_OFFSETS_LIMIT:
@@ -141,7 +144,7 @@ class SteeringRuntime:
             admitted = [r for r in req_ids if r not in self.slot_of]
             for req_id in admitted:
                 self._admit(req_id, requests[req_id], scheduled)
-            if self.host_plan and self.slot_offsets is not None:
+            if self.slot_offsets is not None:  # read by eager and compiled CPU forwards alike
                 for slot in (self.slot_of[r] for r in admitted if self.slot_of[r] != UNSTEERED):
                     # one slot at a time: a batched matmul may sum in another order, and a request's offsets
                     # must not depend on which requests were admitted with it
