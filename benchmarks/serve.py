@@ -1,7 +1,13 @@
 """Serving load: request throughput, TTFT and inter-token latency (p50/p99), unsteered vs mixed-steered traffic,
 at several concurrency levels, against a real `vllm serve` (started here on the default model, or --url).
 
-    python benchmarks/serve.py [--concurrency 1 8 32] [--max-tokens 32] [--url http://host:port]
+Each concurrency level runs --rounds rounds; a round measures both traffic kinds back to back, in alternating
+order (unsteered first in even rounds, steered first in odd ones), so slow drifts of the machine fall on both.
+Reported per cell: the median over rounds of each metric, the spread (min-max) of the median inter-token
+latency, and the steered / unsteered ratio of the median inter-token latency: the median of the per-round
+ratios, with their min-max.
+
+    python benchmarks/serve.py [--concurrency 1 8 32] [--rounds 5] [--max-tokens 32] [--url http://host:port]
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ def main() -> int:
     parser.add_argument("--url")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per concurrency level (alternating order)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     server = None
@@ -84,27 +91,42 @@ def main() -> int:
 
         server = Server(model_path())
         args.url = server.url
-    results = {}
+    results, ratios = {}, {}
     try:
         for concurrency in args.concurrency:
             requests = max(8, 3 * concurrency)
             asyncio.run(level(args.url, "unsteered", concurrency, min(requests, 8), args.max_tokens))  # warm-up
-            for traffic in ("unsteered", "steered"):
-                r = asyncio.run(level(args.url, traffic, concurrency, requests, args.max_tokens))
-                results[f"{traffic}@{concurrency}"] = r
-                print(f"[{traffic} x{concurrency}] {r}", file=sys.stderr)
+            rounds = {"unsteered": [], "steered": []}
+            for i in range(args.rounds):
+                for traffic in ("unsteered", "steered") if i % 2 == 0 else ("steered", "unsteered"):
+                    r = asyncio.run(level(args.url, traffic, concurrency, requests, args.max_tokens))
+                    rounds[traffic].append(r)
+                    print(f"[round {i} {traffic} x{concurrency}] {r}", file=sys.stderr)
+            for traffic, measured in rounds.items():
+                cell = {k: float(np.median([m[k] for m in measured])) for k in measured[0]}
+                itl = [m["itl_p50_ms"] for m in measured]
+                results[f"{traffic}@{concurrency}"] = dict(cell, itl_p50_min_ms=min(itl), itl_p50_max_ms=max(itl),
+                                                           rounds=measured)
+            per_round = [s["itl_p50_ms"] / u["itl_p50_ms"] for s, u in zip(rounds["steered"], rounds["unsteered"])]
+            ratios[concurrency] = {"median": float(np.median(per_round)), "min": min(per_round), "max": max(per_round)}
     finally:
         if server:
             server.stop()
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps({"cells": results, "itl_ratio": ratios}))
         return 0
-    print("| concurrency | traffic | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"{args.rounds} rounds per cell, each {args.max_tokens} tokens per request; medians over rounds")
+    print()
+    print("| concurrency | traffic | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms (min-max) | ITL p99 ms | "
+          "steered / unsteered ITL p50 (min-max) |")
+    print("|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
         traffic, concurrency = key.split("@")
+        ratio = ratios[int(concurrency)]
+        shown = f"{ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})" if traffic == "steered" else ""
         print(f"| {concurrency} | {traffic} | {r['req_per_s']:.2f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
-              f"{r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} |")
+              f"{r['itl_p50_ms']:.1f} ({r['itl_p50_min_ms']:.1f}-{r['itl_p50_max_ms']:.1f}) | {r['itl_p99_ms']:.1f} | "
+              f"{shown} |")
     return 0
 
 
