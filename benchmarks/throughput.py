@@ -11,6 +11,22 @@ Workloads: decode-heavy (short prompts, long answers) and prefill-heavy (long pr
 eager and compiled. Tokens/s counts prompt + generated tokens. Each number is the best of --repeats runs.
 
     python benchmarks/throughput.py [--requests 256] [--json]
+
+The distinct-configs sweep (--sweep) measures how throughput changes as more requests carry distinct steering, in
+the terms peers publish: plain vLLM, unsteered, and K = 1, 8, 32, 128, 256 distinct mixes spread over the batch
+(request i gets mix i % K), for each workload, eager and compiled. The batch is --requests (default 256,
+max_num_seqs = min(requests, 256)); K above it is capped at it. A batch of 256 fits on the 2-core machine (its KV
+cache, about 1.5 GiB at most, fits in the default 2 GiB of VLLM_CPU_KVCACHE_SPACE); it is only slow. To keep the
+whole sweep near 15 minutes on 2 idle cores (an estimate: two compilations of a few minutes and 28 cells, 7 per
+setting and workload, of 15-20 s each), it uses shorter workloads than the modes above (decode: 32-token prompts, 64
+generated, the output length of the vLLM fork's published point; prefill: 128-token prompts, 4 generated) and
+--repeats defaults to 1; each further repeat adds about 8 minutes. Repeats are interleaved (every cell once, then
+every cell again), so slow drift from other load falls on all cells alike. It prints a markdown table (tokens/s and
+the ratio to unsteered), writes the JSON report (--json-out) and, with --plot FILE, a plot of tokens/s normalised to
+each engine's own baseline against K (log axis): our eager and compiled curves beside the peers' published points,
+labelled with their hardware.
+
+    python benchmarks/throughput.py --sweep [--requests 256] [--repeats 2] [--json-out FILE] [--plot FILE]
 """
 
 from __future__ import annotations
@@ -19,30 +35,42 @@ import argparse
 import gc
 import json
 import os
+import platform
 import random
 import sys
 import time
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB: enough for the sweep's 256 requests too
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the table or the JSON
 
 WORKLOADS = {  # name: (prompt tokens, generated tokens)
     "decode": (32, 64),
     "prefill": (384, 4),
 }
+SWEEP_WORKLOADS = {
+    "decode": (32, 64),
+    "prefill": (128, 4),
+}
+SWEEP_K = (1, 8, 32, 128, 256)
 EMOTIONS = ["joy", "anger", "disgust", "fear", "sadness"]
+# Published distinct-configs points of peers, tokens/s on their own hardware (docs/performance.md cites them).
+PEERS = [
+    {"name": "EasySteer", "baseline": 30633, "points": {1: 23211, 8: 19923, 32: 15851, 64: 11082, 128: 8733, 256: 5620},
+     "setup": "in_graph mode, batch 256, 128 tokens, 1.5B model, 1x RTX PRO 6000 Blackwell",
+     "source": "github.com/ZJU-REAL/EasySteer experiment/efficiency/README.md (2026-08)"},
+    {"name": "RhizoNymph/vllm fork", "baseline": 3590, "points": {16: 1632},
+     "setup": "every request distinct, batch 16, 64 output tokens, Gemma 3 4B, H100 NVL",
+     "source": "github.com/RhizoNymph/vllm upstream/RFC.md (worst case; batch 16 from its per_request_n16 setup)"},
+]
 
 
-def make_specs(mode: str, n: int, seed: int = 0):
+def random_mixes(n: int, seed: int = 0):
+    """n distinct random mixes (1-3 emotions, intensities in [-1, 1.5]), as request steering."""
     from vllm_emosteer import steer
 
     rng = random.Random(seed)
-    if mode in ("plain", "unsteered"):
-        return [None] * n
-    if mode == "same-mix":
-        return [steer(joy=0.8, fear=0.3)] * n
     specs, seen = [], set()
-    while len(specs) < n:  # every request its own mix and intensity, all distinct
+    while len(specs) < n:
         k = rng.randint(1, 3)
         mix = {e: round(rng.uniform(-1.0, 1.5), 3) for e in rng.sample(EMOTIONS, k)}
         key = tuple(sorted(mix.items()))
@@ -52,11 +80,27 @@ def make_specs(mode: str, n: int, seed: int = 0):
     return specs
 
 
-def run_once(llm, workload: str, specs, n: int) -> float:
+def make_specs(mode: str, n: int, seed: int = 0):
+    from vllm_emosteer import steer
+
+    if mode in ("plain", "unsteered"):
+        return [None] * n
+    if mode == "same-mix":
+        return [steer(joy=0.8, fear=0.3)] * n
+    return random_mixes(n, seed)  # every request its own mix and intensity, all distinct
+
+
+def spread_specs(k: int, n: int):
+    """K distinct mixes spread over n requests: request i gets mix i % K."""
+    mixes = random_mixes(k)
+    return [mixes[i % k] for i in range(n)]
+
+
+def run_once(llm, lengths: tuple[int, int], specs, n: int) -> float:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    prompt_len, gen_len = WORKLOADS[workload]
+    prompt_len, gen_len = lengths
     rng = random.Random(1)
     prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 40000) for _ in range(prompt_len)]) for _ in range(n)]
     params = [SamplingParams(max_tokens=gen_len, ignore_eos=True, temperature=0, extra_args=s) for s in specs]
@@ -81,54 +125,202 @@ def make_engine(model: str, vectors: str | None, eager: bool, mode: str | None, 
                max_num_batched_tokens=4096, additional_config=extra, seed=0, dtype="bfloat16")
 
 
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def chosen_settings(args) -> list[tuple[str, bool]]:
+    return [s for s in (("eager", True), ("compiled", False)) if args.compiled in ("both", s[0])]
+
+
+def ratios(row: dict) -> dict:
+    base = row["unsteered"]
+    return {m: round(v / base, 3) for m, v in row.items() if isinstance(v, float)}
+
+
+# ---- the modes (the original table) ----------------------------------------------------------------------------
+def run_modes(args, model: str) -> dict:
+    n = args.requests
+    results: dict = {}
+    workloads = {w: WORKLOADS[w] for w in args.workloads}
+    for setting, eager in chosen_settings(args):
+        engines = [("plain", None), ("steering", "fused")] + ([("naive", "naive")] if eager else [])
+        for engine_name, mode in engines:
+            llm = make_engine(model, args.vectors, eager, mode, max_num_seqs=min(n, 256))
+            modes = {"plain": ["plain"], "steering": ["unsteered", "same-mix", "distinct"], "naive": ["naive"]}
+            for workload, lengths in workloads.items():
+                run_once(llm, lengths, make_specs("unsteered", min(n, 16)), min(n, 16))  # warm-up
+                for bench_mode in modes[engine_name]:
+                    specs = make_specs("distinct" if bench_mode == "naive" else bench_mode, n)
+                    best = max(run_once(llm, lengths, specs, n) for _ in range(args.repeats))
+                    results.setdefault(setting, {}).setdefault(workload, {})[bench_mode] = round(best, 1)
+                    print(f"[{setting}/{workload}] {bench_mode}: {best:.1f} tok/s", file=sys.stderr)
+            shutdown(llm)
+    for setting in results:
+        for row in results[setting].values():
+            row["ratio_to_unsteered"] = ratios(row)
+    return {"model": model, "requests": n, "workloads": workloads, "tokens_per_s": results}
+
+
+def print_modes(report: dict, repeats: int) -> None:
+    print(f"\nThroughput, tokens/s (prompt + generated), {report['requests']} requests, best of {repeats}:")
+    print("| setting | workload | plain vLLM | unsteered | same mix | distinct mixes | naive loop | "
+          "distinct / unsteered | naive / unsteered |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for setting, workloads in report["tokens_per_s"].items():
+        for workload, row in workloads.items():
+            r = row["ratio_to_unsteered"]
+            print(f"| {setting} | {workload} | {row['plain']} | {row['unsteered']} | {row['same-mix']} | "
+                  f"{row['distinct']} | {row.get('naive', '-')} | {r['distinct']} | {r.get('naive', '-')} |")
+
+
+# ---- the distinct-configs sweep --------------------------------------------------------------------------------
+def sweep_ks(n: int) -> list[int]:
+    return sorted({min(k, n) for k in SWEEP_K})
+
+
+def run_sweep(args, model: str) -> dict:
+    n = args.requests
+    ks = sweep_ks(n)
+    workloads = {w: SWEEP_WORKLOADS[w] for w in args.workloads}
+    cells = {"plain": ["plain"], "steering": ["unsteered"] + [f"K={k}" for k in ks]}
+    specs = {"plain": [None] * n, "unsteered": [None] * n, **{f"K={k}": spread_specs(k, n) for k in ks}}
+    results: dict = {}
+    started = time.perf_counter()
+    for setting, eager in chosen_settings(args):
+        for engine_name, mode in (("plain", None), ("steering", "fused")):
+            llm = make_engine(model, args.vectors, eager, mode, max_num_seqs=min(n, 256))
+            for workload, lengths in workloads.items():
+                run_once(llm, lengths, [None] * min(n, 16), min(n, 16))  # warm-up
+                row = results.setdefault(setting, {}).setdefault(workload, {})
+                for _ in range(args.repeats):  # interleaved: drift falls on every cell alike
+                    for cell in cells[engine_name]:
+                        tps = run_once(llm, lengths, specs[cell], n)
+                        row[cell] = round(max(row.get(cell, 0.0), tps), 1)
+                        print(f"[sweep {setting}/{workload}] {cell}: {tps:.1f} tok/s", file=sys.stderr)
+            shutdown(llm)
+    for setting in results:
+        for row in results[setting].values():
+            row["ratio_to_unsteered"] = ratios(row)
+    return {
+        "kind": "distinct-configs sweep", "model": model, "requests": n, "max_num_seqs": min(n, 256),
+        "repeats": args.repeats, "ks": ks, "workloads": workloads, "tokens_per_s": results, "peers": PEERS,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+                    "kv_cache_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE")},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def print_sweep(report: dict) -> None:
+    ks = report["ks"]
+    print(f"\nDistinct-configs sweep, tokens/s (prompt + generated) and the ratio to unsteered, batch "
+          f"{report['max_num_seqs']} ({report['requests']} requests), best of {report['repeats']}, "
+          f"{report['elapsed_s'] / 60:.1f} min:")
+    print("| setting | workload | plain vLLM | unsteered | " + " | ".join(f"K = {k}" for k in ks)
+          + " | worst K / unsteered |")
+    print("|---|---|---|---|" + "---|" * len(ks) + "---|")
+    for setting, workloads in report["tokens_per_s"].items():
+        for workload, row in workloads.items():
+            r = row["ratio_to_unsteered"]
+            cells = [f"{row[f'K={k}']:.0f} ({r[f'K={k}']:.2f})" for k in ks]
+            worst = min(r[f"K={k}"] for k in ks)
+            print(f"| {setting} | {workload} | {row['plain']:.0f} ({r['plain']:.2f}) | {row['unsteered']:.0f} | "
+                  + " | ".join(cells) + f" | {worst:.2f} |")
+
+
+def plot_sweep(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    ks = report["ks"]
+    styles = {"decode": "-", "prefill": "--"}
+    markers = {"eager": "o", "compiled": "s"}
+    lengths = report["workloads"]
+    for setting, workloads in report["tokens_per_s"].items():
+        for workload, row in workloads.items():
+            r = row["ratio_to_unsteered"]
+            prompt, generated = lengths[workload]
+            ax.plot(ks, [r[f"K={k}"] for k in ks], styles.get(workload, "-"), marker=markers.get(setting, "o"),
+                    label=f"vllm-emosteer {setting}, {workload} ({prompt} + {generated} tokens; plain vLLM = "
+                          f"{r['plain']:.2f} x unsteered)")
+    for peer, marker in zip(report["peers"], ("^", "*")):
+        points = sorted((int(k), v) for k, v in peer["points"].items())  # keys are strings once read from JSON
+        xs, ys = [k for k, _ in points], [v / peer["baseline"] for _, v in points]
+        ax.plot(xs, ys, ":" if len(xs) > 1 else "", marker=marker, markersize=12 if marker == "*" else 7,
+                color="grey" if len(xs) > 1 else "black", label=f"{peer['name']} ({peer['setup']})")
+    ax.axhline(1.0, color="lightgrey", linewidth=1, zorder=0)
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(ks) | {int(k) for p in report["peers"] for k in p["points"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_ylim(0, 1.2)
+    ax.set_xlabel("distinct steering configurations (mixes) in the batch, K")
+    ax.set_ylabel("tokens/s / the same engine without steering")
+    machine = report["machine"]
+    ax.set_title(f"Throughput as configurations diversify. Ours: {os.path.basename(report['model'].rstrip('/'))}, "
+                 f"bf16, batch {report['max_num_seqs']}, {machine['cpus']}-core CPU, {report['date'][:10]};\n"
+                 "normalised to unsteered (ours) or to no steering (peers, their published numbers)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
     parser.add_argument("--vectors")
     parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, help="best of this many runs per cell (default 2; --sweep: 1)")
     parser.add_argument("--compiled", choices=["both", "eager", "compiled"], default="both")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--sweep", action="store_true", help="the distinct-configs sweep (see above)")
+    parser.add_argument("--json-out", help="write the JSON report to this file (--sweep: default "
+                                           "throughput-sweep.json)")
+    parser.add_argument("--plot", help="--sweep: write the plot to this file (PNG, SVG or PDF by its suffix)")
+    parser.add_argument("--report", metavar="JSON", help="--sweep: print the table and plot of a saved sweep "
+                                                         "report instead of measuring")
     args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 1 if args.sweep else 2
+    if (args.plot or args.report) and not args.sweep:
+        parser.error("--plot and --report need --sweep")
+    if args.report:
+        with open(args.report) as f:
+            report = json.load(f)
+        if args.plot:
+            plot_sweep(report, args.plot)
+        print_sweep(report)
+        return 0
     from vllm_emosteer.default_model import model_path
 
     model = args.model or str(model_path())
-    n = args.requests
-    results: dict = {}
-    settings = [("eager", True), ("compiled", False)]
-    settings = [s for s in settings if args.compiled in ("both", s[0])]
-    for setting, eager in settings:
-        engines = [("plain", None), ("steering", "fused")] + ([("naive", "naive")] if eager else [])
-        for engine_name, mode in engines:
-            llm = make_engine(model, args.vectors, eager, mode, max_num_seqs=min(n, 256))
-            modes = {"plain": ["plain"], "steering": ["unsteered", "same-mix", "distinct"], "naive": ["naive"]}
-            for workload in WORKLOADS:
-                run_once(llm, workload, make_specs("unsteered", min(n, 16)), min(n, 16))  # warm-up
-                for bench_mode in modes[engine_name]:
-                    specs = make_specs("distinct" if bench_mode == "naive" else bench_mode, n)
-                    best = max(run_once(llm, workload, specs, n) for _ in range(args.repeats))
-                    results.setdefault(setting, {}).setdefault(workload, {})[bench_mode] = round(best, 1)
-                    print(f"[{setting}/{workload}] {bench_mode}: {best:.1f} tok/s", file=sys.stderr)
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
-    for setting in results:
-        for workload, row in results[setting].items():
-            base = row["unsteered"]
-            row["ratio_to_unsteered"] = {m: round(v / base, 3) for m, v in row.items() if isinstance(v, float)}
-    report = {"model": model, "requests": n, "workloads": WORKLOADS, "tokens_per_s": results}
+    if args.sweep:
+        report = run_sweep(args, model)
+        out = args.json_out or "throughput-sweep.json"
+    else:
+        report = run_modes(args, model)
+        out = args.json_out
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {out}", file=sys.stderr)
+    if args.plot:
+        plot_sweep(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
+    elif args.sweep:
+        print_sweep(report)
     else:
-        print(f"\nThroughput, tokens/s (prompt + generated), {n} requests, best of {args.repeats}:")
-        print("| setting | workload | plain vLLM | unsteered | same mix | distinct mixes | naive loop | "
-              "distinct / unsteered | naive / unsteered |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for setting, workloads in results.items():
-            for workload, row in workloads.items():
-                r = row["ratio_to_unsteered"]
-                print(f"| {setting} | {workload} | {row['plain']} | {row['unsteered']} | {row['same-mix']} | "
-                      f"{row['distinct']} | {row.get('naive', '-')} | {r['distinct']} | {r.get('naive', '-')} |")
+        print_modes(report, args.repeats)
     return 0
 
 
