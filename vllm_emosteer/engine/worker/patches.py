@@ -47,8 +47,9 @@ def install_steering(runner) -> None:
         runtime.capture.local_rows = [row for layer, row in bank_row_of_layer.items() if layer in local]
     setattr(runner, RUNTIME_ATTR, runtime)
     model.emosteer_runtime = runtime  # reachable from LLM.apply_model, for inspection
+    path = "Triton kernel" if runner.device.type == "cuda" else "torch: host plan eager, mask and gather compiled"
     logger.info("emosteer: hooked %d layers at %s on %s (%s)", len(runtime.handles), options.sets.hook,
-                runner.device, "Triton kernel" if runner.device.type == "cuda" else "torch op")
+                runner.device, path)
 
 
 def release_finished(runtime, scheduler_output) -> None:
