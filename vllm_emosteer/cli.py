@@ -44,14 +44,19 @@ def cmd_extract(args) -> int:
     if args.emotion_template:
         if args.recipe == "paper" and "{emotion}" not in args.emotion_template:
             return _die("--emotion-template must contain {emotion}")
-        if args.recipe == "contrast" and "{question}" not in args.emotion_template:
+        if args.recipe in ("contrast", "learned") and "{question}" not in args.emotion_template:
             return _die("--emotion-template must contain {question} (and {emotion} or {description})")
         if args.recipe == "paper":
             templates["emotional"] = args.emotion_template
         else:
             templates["contrast"] = (("user", args.emotion_template),)
-    questions = args.questions_per_emotion or (100 if args.recipe == "contrast" else 50)
+    questions = args.questions_per_emotion or (50 if args.recipe == "paper" else 100)
+    given = [f"--{k.replace('_', '-')}" for k in LEARNED_FLAGS if getattr(args, k) is not None]
+    if args.recipe != "learned" and given:
+        return _die(f"{', '.join(given)}: only with --recipe learned")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.recipe == "learned":
+        return _extract_learned(args, model, templates, questions, pairs)
     hf_model = engine = None
     try:  # a local folder or a model id, as transformers and vLLM take them
         tokenizer = AutoTokenizer.from_pretrained(model)
@@ -61,14 +66,9 @@ def cmd_extract(args) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         return _die(f"cannot load model {model}: {str(exc).splitlines()[0]}", 1)
     if args.engine == "vllm":
-        from .extraction.vllm_capture import VllmExtractor
-
-        try:
-            engine = VllmExtractor(model, args.hook, dtype=args.dtype, seed=args.seed,
-                                   tensor_parallel_size=args.tensor_parallel_size,
-                                   pipeline_parallel_size=args.pipeline_parallel_size)
-        except Exception as exc:  # vLLM raises many types; the first line names the cause
-            return _die(f"vLLM cannot capture {model}: {' '.join(str(exc).split())[:400]}", 1)
+        engine, code = _vllm_extractor(args, model, "capture")
+        if engine is None:
+            return code
     try:
         bank, _ = extract(
             hf_model, tokenizer, emotions=args.emotions, recipe=args.recipe, questions_per_emotion=questions,
@@ -98,6 +98,89 @@ def cmd_extract(args) -> int:
             print(f"  {e}: emotional answers by where the emotion was asked for (NADE / MiniLM): {placements}")
     print(f"wrote {bank.save(args.out)}: {list(bank.vectors.shape)} (layers, emotions, hidden), hook {bank.hook}, "
           f"units {bank.units}; calibrate it next: vllm-emosteer calibrate --vectors {args.out}")
+    return 0
+
+
+def _vllm_extractor(args, model: str, doing: str):
+    """extract's engine (capture mode), or None and the exit code of its one-line refusal."""
+    from .extraction.vllm_capture import VllmExtractor
+
+    try:
+        return VllmExtractor(model, args.hook, dtype=args.dtype, seed=args.seed,
+                             tensor_parallel_size=args.tensor_parallel_size,
+                             pipeline_parallel_size=args.pipeline_parallel_size), 0
+    except Exception as exc:  # vLLM raises many types; the first line names the cause
+        return None, _die(f"vLLM cannot {doing} {model}: {' '.join(str(exc).split())[:400]}", 1)
+
+
+LEARNED_FLAGS = ("objective", "steps", "lr", "beta", "cap", "layers", "pairs_per_step", "micro_batch", "held_out",
+                 "max_answer_tokens", "init", "keep", "evals")
+
+
+def _extract_learned(args, model: str, templates: dict, questions: int, pairs) -> int:
+    """extract --recipe learned: the answers (inside vLLM, or transformers on --device), then the training in
+    transformers on --device (vLLM is shut down first, so a GPU holds one model at a time)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from .default_model import DEFAULT_MODEL_NAME
+    from .extraction.extract import CONTRAST_TEMPLATES
+    from .extraction.learned import Settings, check_settings, gather, summary, train
+
+    chosen = {k: getattr(args, k) for k in LEARNED_FLAGS if getattr(args, k) is not None}
+    if "layers" in chosen:
+        chosen["band"] = tuple(chosen.pop("layers"))
+    settings = Settings(seed=args.seed, **chosen)
+    try:
+        config = AutoConfig.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        return _die(f"cannot load model {model}: {str(exc).splitlines()[0]}", 1)
+    try:
+        band = check_settings(settings, int(config.get_text_config().num_hidden_layers))
+    except ValueError as exc:
+        return _die(str(exc))
+    try:
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+    except OSError:
+        eos = None
+    eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+    data = dict(emotions=args.emotions, pairs=pairs, questions=questions,
+                templates=templates.get("contrast", CONTRAST_TEMPLATES), filter_pairs=not args.no_filter,
+                seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, eos=eos)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
+
+    try:
+        if args.engine == "vllm" and (pairs is None or any(p.positive_text is None for p in pairs)):
+            engine, code = _vllm_extractor(args, model, "answer with")
+            if engine is None:
+                return code
+            try:
+                training, concepts, source = gather(tokenizer, generate=engine.generate, **data)
+            finally:
+                engine.shutdown()
+            source["decoding"] = "greedy (vLLM)"
+            hf_model = load()
+        else:
+            hf_model = load()
+            training, concepts, source = gather(tokenizer, model=hf_model, **data)
+            source["decoding"] = "greedy (transformers)"
+        source["max_new_tokens"] = args.max_new_tokens
+        if pairs is not None:
+            source["pairs_file"] = Path(args.pairs).name
+        bank = train(hf_model, training, concepts, hook=args.hook, settings=settings,
+                     pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                     model_name=DEFAULT_MODEL_NAME if args.model is None else Path(model).name, data=source)
+    except ValueError as exc:
+        return _die(str(exc), 1)
+    except (OSError, RuntimeError) as exc:  # loading the model in transformers, or the device (out of memory)
+        return _die(f"{model}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", 1)
+    print(summary(bank))
+    print(f"wrote {bank.save(args.out)}: {list(bank.vectors.shape)} (layers, concepts, hidden), hook {bank.hook}, "
+          f"units {bank.units}, layers {band[0]}-{band[1]}; intensity 1.0 is the trained dose. Calibrate it next: "
+          f"vllm-emosteer calibrate --vectors {args.out} --layers {band[0]} {band[1]} --out {args.out}")
     return 0
 
 
@@ -368,10 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="vectors file to write (.safetensors)")
     p.add_argument("--pairs", help="your own concepts: a JSON Lines file of contrast pairs (see docs/vectors.md); "
                                    "replaces --recipe and --emotions")
-    p.add_argument("--device", default="cpu", help="--engine transformers: where it runs (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--recipe", choices=["contrast", "paper"], default="contrast",
+    p.add_argument("--device", default="cpu", help="--engine transformers, and --recipe learned's training: where it "
+                                                   "runs (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--recipe", choices=["contrast", "paper", "learned"], default="contrast",
                    help="contrast (default): plain vs emotion-instructed answers to neutral questions, captured "
-                        "after the plain question, filtered by two scorers, units 'dose'; paper: Dong et al.'s")
+                        "after the plain question, filtered by two scorers, units 'dose'; paper: Dong et al.'s; "
+                        "learned: offsets trained on the contrast recipe's answers (or --pairs) in transformers")
     p.add_argument("--questions-per-emotion", type=int,
                    help="questions per emotion (default: all 100 for contrast, 50 for paper)")
     p.add_argument("--engine", choices=["vllm", "transformers"], default="vllm",
@@ -391,6 +476,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emotion-template",
                    help="paper recipe: system prompt of the emotional answers, with {emotion}; contrast recipe: "
                         "the user turn, with {question} and {emotion} or {description}")
+    learned = p.add_argument_group("--recipe learned (training runs in transformers on --device, in --dtype)")
+    learned.add_argument("--objective", help="lm (default): LM loss of the positive answers after the plain "
+                                             "question (prompt distillation); bipo: raise log p(positive) - "
+                                             "log p(negative) against the unsteered model")
+    learned.add_argument("--steps", type=int, help="optimizer steps (default 40)")
+    learned.add_argument("--lr", type=float, help="Adam learning rate (default 0.02)")
+    learned.add_argument("--beta", type=float, help="bipo: the margin's scale (default 0.1)")
+    learned.add_argument("--cap", type=float, help="largest relative dose |offset| / typical norm (default 0.4)")
+    learned.add_argument("--layers", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                         help="the band trained and steered (default: the middle third of the layers)")
+    learned.add_argument("--pairs-per-step", type=int, help="pairs per concept per step (default 4)")
+    learned.add_argument("--micro-batch", type=int, help="sequences per forward; gradients accumulate (default 16)")
+    learned.add_argument("--held-out", type=float, help="share of each concept's questions held out (default 0.2)")
+    learned.add_argument("--max-answer-tokens", type=int, help="train on the first N answer tokens (default all)")
+    learned.add_argument("--init", help="diffmean (default: the training pairs' mean difference) or random")
+    learned.add_argument("--keep", help="best (default): per concept, the offsets of its best held-out evaluation; "
+                                        "last: those of the last step")
+    learned.add_argument("--evals", type=int, help="held-out evaluations during training, besides the first and the "
+                                                   "last (default 4)")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("inspect", help="metadata, per-layer norms and cosine similarities of a vectors file")
