@@ -14,9 +14,10 @@ frozen; only the offsets learn. Two objectives:
 
 Why `lm` is the default: on the default model's contrast data (40 questions, 2026-12-02), `bipo` widened the margin
 by lowering both answers (the likelihood displacement known from DPO): on held-out questions log p(positive) fell
-for all five emotions (-0.12 to -0.93 nats per token), log p(negative) more. `lm` raised log p(positive)
-(+0.11 to +0.83) and lowered log p(negative) (-0.03 to -0.28) for all five: the two-way effect steering wants.
-`bipo` stays for concepts whose positive answers the model does not write on its own (texts in a pairs file).
+for all five emotions (-0.12 to -0.93 nats per token), log p(negative) more (-1.18 to -1.75). `lm` raised
+log p(positive) (+0.12 to +0.88) and lowered log p(negative) (-0.01 to -0.27) for all five: the two-way effect
+steering wants, and its vectors calibrate to coherent doses where `bipo`'s break the text (docs/vectors.md,
+"Learned vectors").
 
 Parametrisation, so that the file serves exactly what training added. A concept's offset at band layer l is
 `dose * typical_norm[l] * unit(w[l])`, with one learned `dose = cap * sigmoid(s)` per concept (at most `cap`) and a
@@ -626,7 +627,7 @@ def train(model, pairs: list[TrainPair], concepts, *, hook: str = "attn_out", se
         "parametrisation": "offset = dose * typical_norm * unit(w), dose = cap * sigmoid(s) per concept",
         "positions": "last context token and answer tokens (the engine's 'response'), position 0 excluded",
         "held_out_loss": {"unsteered": unsteered.get("loss"), "start": history[0]["held_out"],
-                     "loss": final.get("loss"), "history": history},
+                          "loss": final.get("loss"), "history": history},
         "train_loss": None if train_loss is None else round(train_loss, 6),
         "concepts": per_concept,
         "device": str(device),
