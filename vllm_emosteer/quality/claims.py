@@ -22,7 +22,7 @@ import numpy as np
 
 from ..emotions import EMOTIONAL_INSTRUCTION, EMOTIONS, describe
 from ..scores import emotion_scores, prototype_scores, top_emotion
-from .evaluate import CALIBRATION_PROMPTS, THRESHOLDS, EvalResult, Variant, coherent, neutral_prompts
+from .evaluate import CALIBRATION_PROMPTS, EvalResult, Variant, agreed_hit, coherent, neutral_prompts
 
 DOSES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 SUPPRESSION = (-0.5, -1.0, -2.0)
@@ -130,10 +130,6 @@ def relative_drop(before: float, after: float) -> float | None:
     return None if before <= 0 else (before - after) / before
 
 
-def agreed(row) -> float:
-    return min(row["hit_nade"], row["hit_minilm"])
-
-
 def _interval(row) -> dict:
     n = row["answers"]
     return {"nade": wilson(row["hit_nade"], n), "minilm": wilson(row["hit_minilm"], n)}
@@ -146,10 +142,11 @@ def dose_response(result: EvalResult, emotions) -> dict:
     out = {}
     for e in emotions:
         rows = [result.row(f"{e} {x:g}") for x in DOSES]
+        asked = result.row(f"prompted {e}")
         levels = [0.0, *DOSES]
         nade = [base[f"score_{e}"]] + [r[f"score_{e}"] for r in rows]
         minilm = [base[f"minilm_{e}"]] + [r[f"minilm_{e}"] for r in rows]
-        hits = [min(base[f"top_{e}"], base[f"top_minilm_{e}"])] + [agreed(r) for r in rows]
+        hits = [min(base[f"top_{e}"], base[f"top_minilm_{e}"])] + [agreed_hit(r) for r in rows]
         ok = [coherent(r, base["ppl"]) for r in rows]
         breaks = next((x for x, good in zip(DOSES, ok) if not good), None)
         kept = 1 + (DOSES.index(breaks) if breaks is not None else len(DOSES))  # levels up to the last coherent one
@@ -157,12 +154,12 @@ def dose_response(result: EvalResult, emotions) -> dict:
                   "hit_nade": [base[f"top_{e}"]] + [r["hit_nade"] for r in rows],
                   "hit_minilm": [base[f"top_minilm_{e}"]] + [r["hit_minilm"] for r in rows],
                   "coherent": [True] + ok, "coherence_breaks_at": breaks,
-                  "rho_nade": spearman(levels[:kept], nade[:kept]), "rho_minilm": spearman(levels[:kept], minilm[:kept]),
+                  "rho_nade": spearman(levels[:kept], nade[:kept]),
+                  "rho_minilm": spearman(levels[:kept], minilm[:kept]),
                   "rho_nade_all": spearman(levels, nade), "rho_minilm_all": spearman(levels, minilm),
                   "stops_rising_at": stops_rising(levels[:kept], hits[:kept]),
-                  "prompted": {"hit_agreed": agreed(result.row(f"prompted {e}")),
-                               "coherent_hit": min(result.row(f"prompted {e}")["coherent_hit_nade"],
-                                                   result.row(f"prompted {e}")["coherent_hit_minilm"])}}
+                  "prompted": {"hit_agreed": agreed_hit(asked),
+                               "coherent_hit": min(asked["coherent_hit_nade"], asked["coherent_hit_minilm"])}}
     return out
 
 
