@@ -20,13 +20,20 @@ cache, about 1.5 GiB at most, fits in the default 2 GiB of VLLM_CPU_KVCACHE_SPAC
 whole sweep near 15 minutes on 2 idle cores (an estimate: two compilations of a few minutes and 28 cells, 7 per
 setting and workload, of 15-20 s each), it uses shorter workloads than the modes above (decode: 32-token prompts, 64
 generated, the output length of the vLLM fork's published point; prefill: 128-token prompts, 4 generated) and
---repeats defaults to 1; each further repeat adds about 8 minutes. Repeats are interleaved (every cell once, then
-every cell again), so slow drift from other load falls on all cells alike. It prints a markdown table (tokens/s and
+--repeats defaults to 1; each further repeat adds about 8-10 minutes. Repeats are interleaved (every cell once, then
+every cell again, each pass starting at another cell), so slow drift from other load falls on all cells alike and
+no cell is always measured first. It prints a markdown table (tokens/s and
 the ratio to unsteered), writes the JSON report (--json-out) and, with --plot FILE, a plot of tokens/s normalised to
 each engine's own baseline against K (log axis): our eager and compiled curves beside the peers' published points,
 labelled with their hardware.
 
     python benchmarks/throughput.py --sweep [--requests 256] [--repeats 2] [--json-out FILE] [--plot FILE]
+
+Differences of a few percent are below the sweep's run-to-run spread on a shared CPU (it prints the spread).
+--pairs N resolves them for the sweep's hardest case: every request its own mix (K = the batch) against unsteered,
+in N adjacent pairs whose order alternates, one ratio per pair, reported as the median and min-max.
+
+    python benchmarks/throughput.py --pairs 6 [--compiled compiled] [--workloads decode prefill]
 """
 
 from __future__ import annotations
@@ -195,10 +202,13 @@ def run_sweep(args, model: str) -> dict:
             for workload, lengths in workloads.items():
                 run_once(llm, lengths, [None] * min(n, 16), min(n, 16))  # warm-up
                 row = results.setdefault(setting, {}).setdefault(workload, {})
-                for _ in range(args.repeats):  # interleaved: drift falls on every cell alike
-                    for cell in cells[engine_name]:
+                for repeat in range(args.repeats):  # interleaved: drift falls on every cell alike
+                    names = cells[engine_name]
+                    shift = repeat * len(names) // args.repeats  # each pass starts elsewhere: no cell always first
+                    for cell in names[shift:] + names[:shift]:
                         tps = run_once(llm, lengths, specs[cell], n)
                         row[cell] = round(max(row.get(cell, 0.0), tps), 1)
+                        row.setdefault("runs", {}).setdefault(cell, []).append(round(tps, 1))
                         print(f"[sweep {setting}/{workload}] {cell}: {tps:.1f} tok/s", file=sys.stderr)
             shutdown(llm)
     for setting in results:
@@ -212,6 +222,52 @@ def run_sweep(args, model: str) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
+
+
+def run_pairs(args, model: str) -> dict:
+    """Every request its own mix (K = the batch) against unsteered in adjacent pairs, in alternating order (which
+    comes first swaps each pair): one ratio per pair, so drift slower than a pair cancels within it."""
+    n = args.requests
+    steered = f"K={max(sweep_ks(n))}"
+    specs = {"unsteered": [None] * n, steered: spread_specs(max(sweep_ks(n)), n)}
+    results: dict = {}
+    for setting, eager in chosen_settings(args):
+        llm = make_engine(model, args.vectors, eager, "fused", max_num_seqs=min(n, 256))
+        for workload in args.workloads:
+            lengths = SWEEP_WORKLOADS[workload]
+            run_once(llm, lengths, [None] * min(n, 16), min(n, 16))  # warm-up
+            ratios_ = []
+            for i in range(args.pairs):
+                order = ("unsteered", steered) if i % 2 == 0 else (steered, "unsteered")
+                tps = {cell: run_once(llm, lengths, specs[cell], n) for cell in order}
+                ratios_.append(round(tps[steered] / tps["unsteered"], 4))
+                print(f"[pairs {setting}/{workload}] {order[0]} {tps[order[0]]:.1f}, {order[1]} {tps[order[1]]:.1f} "
+                      f"tok/s: {ratios_[-1]:.3f}", file=sys.stderr)
+            ordered = sorted(ratios_)
+            results.setdefault(setting, {})[workload] = {"ratios": ratios_, "median": ordered[len(ordered) // 2],
+                                                         "min": ordered[0], "max": ordered[-1]}
+        shutdown(llm)
+    return {"kind": "pairs", "model": model, "requests": n, "steered": steered, "pairs": args.pairs,
+            "workloads": {w: SWEEP_WORKLOADS[w] for w in args.workloads}, "ratio": results,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def print_pairs(report: dict) -> None:
+    print(f"\n{report['steered']} (every request its own mix) / unsteered tokens/s, {report['pairs']} adjacent pairs "
+          f"in alternating order, batch {report['requests']}:")
+    print("| setting | workload | median | min-max |")
+    print("|---|---|---|---|")
+    for setting, workloads in report["ratio"].items():
+        for workload, r in workloads.items():
+            print(f"| {setting} | {workload} | {r['median']:.3f} | {r['min']:.3f}-{r['max']:.3f} |")
+
+
+def run_spread(report: dict) -> tuple[float, float] | None:
+    """How far repeated runs of one cell lie apart, (max - min) / max: the median and the largest over all cells
+    (None without repeats). Differences between cells smaller than this are not resolved by the run."""
+    spreads = sorted((max(v) - min(v)) / max(v) for workloads in report["tokens_per_s"].values()
+                     for row in workloads.values() for v in row.get("runs", {}).values() if len(v) > 1)
+    return (spreads[len(spreads) // 2], spreads[-1]) if spreads else None
 
 
 def print_sweep(report: dict) -> None:
@@ -229,6 +285,10 @@ def print_sweep(report: dict) -> None:
             worst = min(r[f"K={k}"] for k in ks)
             print(f"| {setting} | {workload} | {row['plain']:.0f} ({r['plain']:.2f}) | {row['unsteered']:.0f} | "
                   + " | ".join(cells) + f" | {worst:.2f} |")
+    spread = run_spread(report)
+    if spread:
+        print(f"\nRun-to-run spread of one cell, (max - min) / max over its {report['repeats']} runs: median "
+              f"{spread[0]:.1%}, largest {spread[1]:.1%}.")
 
 
 def plot_sweep(report: dict, path: str) -> None:
@@ -255,6 +315,11 @@ def plot_sweep(report: dict, path: str) -> None:
         ax.plot(xs, ys, ":" if len(xs) > 1 else "", marker=marker, markersize=12 if marker == "*" else 7,
                 color="grey" if len(xs) > 1 else "black", label=f"{peer['name']} ({peer['setup']})")
     ax.axhline(1.0, color="lightgrey", linewidth=1, zorder=0)
+    spread = run_spread(report)
+    if spread:
+        ax.axhspan(1 - spread[0], 1 + spread[0], color="lightgrey", alpha=0.35, zorder=0,
+                   label=f"run-to-run spread of one cell (median over cells, {report['repeats']} runs): "
+                         f"+-{spread[0]:.0%}")
     ax.set_xscale("log", base=2)
     ticks = sorted(set(ks) | {int(k) for p in report["peers"] for k in p["points"]})
     ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -285,6 +350,8 @@ def main() -> int:
     parser.add_argument("--json-out", help="write the JSON report to this file (--sweep: default "
                                            "throughput-sweep.json)")
     parser.add_argument("--plot", help="--sweep: write the plot to this file (PNG, SVG or PDF by its suffix)")
+    parser.add_argument("--pairs", type=int, metavar="N", help="K = the batch against unsteered in N adjacent "
+                                                                "pairs (the sweep's workloads; see above)")
     parser.add_argument("--report", metavar="JSON", help="--sweep: print the table and plot of a saved sweep "
                                                          "report instead of measuring")
     args = parser.parse_args()
@@ -302,7 +369,10 @@ def main() -> int:
     from vllm_emosteer.default_model import model_path
 
     model = args.model or str(model_path())
-    if args.sweep:
+    if args.pairs:
+        report = run_pairs(args, model)
+        out = args.json_out
+    elif args.sweep:
         report = run_sweep(args, model)
         out = args.json_out or "throughput-sweep.json"
     else:
@@ -317,6 +387,8 @@ def main() -> int:
         print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(report))
+    elif args.pairs:
+        print_pairs(report)
     elif args.sweep:
         print_sweep(report)
     else:
