@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..vectors.bank import EmotionBank, model_facts
-from .extract import CONTRAST_TEMPLATES, Sample, _contrast_samples, _pair_samples, decoder_layers, \
+from .extract import CONTRAST_TEMPLATES, Sample, _batches, _contrast_samples, _pair_samples, decoder_layers, \
     extraction_questions, generate_answers, hook_module, select_pairs
 from .pairs import Pair, concepts_of
 
@@ -391,11 +391,6 @@ def _seq(context, answer, limit):
     return tuple(context) + tuple(answer), len(context)
 
 
-def _chunks(items, size):
-    for start in range(0, len(items), size):
-        yield items[start: start + size]
-
-
 class _Trainer:
     def __init__(self, model, pairs: list[TrainPair], concepts, hook: str, band, settings: Settings, pad: int,
                  prefix_cache: bool = True, log=_log):
@@ -435,7 +430,7 @@ class _Trainer:
         over the answer tokens) and, per sequence, the mean activation over the steered positions."""
         means, norms = {}, []
         ordered = sorted(self.seqs, key=lambda s: len(s[0]))
-        chunks = list(_chunks(ordered, self.settings.micro_batch))
+        chunks = list(_batches(ordered, self.settings.micro_batch))
         if self.prefixes is not None:
             self._check_prefixes(chunks[-1])  # the longest sequences
         self.steering.recorded = {}
@@ -465,7 +460,7 @@ class _Trainer:
         objective, beta = self.settings.objective, self.settings.beta
         per_pair = 1 if objective == "lm" and grad_scale is not None else 2  # held-out: both sides, for the report
         out = []
-        for chunk in _chunks(list(range(len(pairs))), max(1, self.settings.micro_batch // per_pair)):
+        for chunk in _batches(list(range(len(pairs))), max(1, self.settings.micro_batch // per_pair)):
             seqs, rows = [], []
             for i in chunk:
                 seqs.append(self.seq(pairs[i], "positive"))
@@ -564,18 +559,20 @@ def train(model, pairs: list[TrainPair], concepts, *, hook: str = "attn_out", se
 
         start = trainer.evaluate(learner, held)
         keep(0, start)
-        history = [{"step": 0, "unsteered": trainer.evaluate(None, held).get("loss"), "held_out": start.get("loss")}]
+        unsteered = trainer.evaluate(None, held)  # from the unsteered pass: training does not change it
+        history = [{"step": 0, "unsteered": unsteered.get("loss"), "held_out": start.get("loss")}]
         if held:
             log(f"learned ({settings.objective}): held-out loss unsteered {history[0]['unsteered']:.4f}, "
                 f"at the start {history[0]['held_out']:.4f} ({len(held)} pairs)")
         order = {c: [] for c in concepts}
+        by_concept = {c: [p for p in train_pairs if p.concept == c] for c in concepts}
         every = max(1, settings.steps // (settings.evals + 1)) if settings.evals else settings.steps + 1
         train_loss = None
         with tqdm(total=settings.steps, desc=f"learned: training ({settings.objective})", unit="step") as bar:
             for step in range(1, settings.steps + 1):
                 chosen, scale = [], []
                 for concept in concepts:
-                    mine = [p for p in train_pairs if p.concept == concept]
+                    mine = by_concept[concept]
                     take = min(settings.pairs_per_step, len(mine))
                     for _ in range(take):
                         if not order[concept]:  # a new epoch of this concept's pairs, in a new order
@@ -595,7 +592,6 @@ def train(model, pairs: list[TrainPair], concepts, *, hook: str = "attn_out", se
                     log(f"learned: step {step}: train loss {train_loss:.4f}, held-out loss {result['loss']:.4f}")
         if not held:
             keep(settings.steps, {})
-        unsteered = trainer.evaluate(None, held)
         offsets = torch.stack([kept[c]["offsets"] for c in concepts])  # [E, band layers, H]
         doses = [kept[c]["dose"] for c in concepts]
         final = {c: kept[c]["result"] for c in concepts}
