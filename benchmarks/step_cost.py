@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import SWEEP_K, spread_specs  # noqa: E402  the sweep's mixes: request i gets mix i % K
+from throughput import spread_specs, sweep_ks  # noqa: E402  the sweep's K values and mixes (request i: mix i % K)
 
 PREFILL_PROMPT = 128
 
@@ -101,7 +101,7 @@ def measure(args) -> dict:
     runtime = runtime_for(model, args.requests, args.tokens)
     bank_rows = runtime.options.steered_rows()
     hidden = runtime.device_vectors.shape[-1]
-    cells = ["unsteered"] + [f"K={k}" for k in sorted({min(k, args.requests) for k in SWEEP_K})]
+    cells = ["unsteered"] + [f"K={k}" for k in sweep_ks(args.requests)]
     report = {"model": model, "hooked_layers": len(bank_rows), "hidden_size": hidden, "requests": args.requests,
               "tokens": args.tokens, "threads": torch.get_num_threads(), "steps": args.steps,
               "repeats": args.repeats, "ms_per_step": {}, "admit_ms_per_request": {}}

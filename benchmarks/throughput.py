@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 
@@ -228,8 +229,9 @@ def run_pairs(args, model: str) -> dict:
     """Every request its own mix (K = the batch) against unsteered in adjacent pairs, in alternating order (which
     comes first swaps each pair): one ratio per pair, so drift slower than a pair cancels within it."""
     n = args.requests
-    steered = f"K={max(sweep_ks(n))}"
-    specs = {"unsteered": [None] * n, steered: spread_specs(max(sweep_ks(n)), n)}
+    k = max(sweep_ks(n))
+    steered = f"K={k}"
+    specs = {"unsteered": [None] * n, steered: spread_specs(k, n)}
     results: dict = {}
     for setting, eager in chosen_settings(args):
         llm = make_engine(model, args.vectors, eager, "fused", max_num_seqs=min(n, 256))
@@ -243,9 +245,8 @@ def run_pairs(args, model: str) -> dict:
                 ratios_.append(round(tps[steered] / tps["unsteered"], 4))
                 print(f"[pairs {setting}/{workload}] {order[0]} {tps[order[0]]:.1f}, {order[1]} {tps[order[1]]:.1f} "
                       f"tok/s: {ratios_[-1]:.3f}", file=sys.stderr)
-            ordered = sorted(ratios_)
-            results.setdefault(setting, {})[workload] = {"ratios": ratios_, "median": ordered[len(ordered) // 2],
-                                                         "min": ordered[0], "max": ordered[-1]}
+            results.setdefault(setting, {})[workload] = {"ratios": ratios_, "median": statistics.median(ratios_),
+                                                         "min": min(ratios_), "max": max(ratios_)}
         shutdown(llm)
     return {"kind": "pairs", "model": model, "requests": n, "steered": steered, "pairs": args.pairs,
             "workloads": {w: SWEEP_WORKLOADS[w] for w in args.workloads}, "ratio": results,
@@ -265,9 +266,9 @@ def print_pairs(report: dict) -> None:
 def run_spread(report: dict) -> tuple[float, float] | None:
     """How far repeated runs of one cell lie apart, (max - min) / max: the median and the largest over all cells
     (None without repeats). Differences between cells smaller than this are not resolved by the run."""
-    spreads = sorted((max(v) - min(v)) / max(v) for workloads in report["tokens_per_s"].values()
-                     for row in workloads.values() for v in row.get("runs", {}).values() if len(v) > 1)
-    return (spreads[len(spreads) // 2], spreads[-1]) if spreads else None
+    spreads = [(max(v) - min(v)) / max(v) for workloads in report["tokens_per_s"].values()
+               for row in workloads.values() for v in row.get("runs", {}).values() if len(v) > 1]
+    return (statistics.median(spreads), max(spreads)) if spreads else None
 
 
 def print_sweep(report: dict) -> None:
