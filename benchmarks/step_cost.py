@@ -52,15 +52,14 @@ def runtime_for(model: str, requests: int, tokens: int):
 
 
 def batch(workload: str, requests: int, tokens: int):
-    """(request ids, tokens per request, computed tokens, query positions, prompt length) of one step."""
+    """(request ids, tokens per request, computed tokens, prompt length) of one step."""
     if workload == "decode":
         n = requests
         per_request, computed, prompt = np.ones(n, np.int32), np.full(n, 40), 32
     else:
         n = max(1, tokens // PREFILL_PROMPT)
         per_request, computed, prompt = np.full(n, PREFILL_PROMPT, np.int32), np.zeros(n, np.int64), PREFILL_PROMPT
-    query_pos = np.concatenate([np.arange(k) for k in per_request])
-    return [f"r{i}" for i in range(n)], per_request, computed, query_pos, prompt
+    return [f"r{i}" for i in range(n)], per_request, computed, prompt
 
 
 def best_ms(step, steps: int, repeats: int) -> float:
@@ -106,7 +105,7 @@ def measure(args) -> dict:
               "tokens": args.tokens, "threads": torch.get_num_threads(), "steps": args.steps,
               "repeats": args.repeats, "ms_per_step": {}, "admit_ms_per_request": {}}
     for workload in ("decode", "prefill"):
-        ids, per_request, computed, query_pos, prompt = batch(workload, args.requests, args.tokens)
+        ids, per_request, computed, prompt = batch(workload, args.requests, args.tokens)
         total = int(per_request.sum())
         x = torch.randn(total, hidden).bfloat16()
         residual = torch.randn(total, hidden).bfloat16()
@@ -119,17 +118,17 @@ def measure(args) -> dict:
             requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=s), num_prompt_tokens=prompt)
                         for r, s in zip(ids, specs)}
             start = time.perf_counter()
-            runtime.prepare(ids, requests, per_request, computed, query_pos)  # admits every request
+            runtime.prepare(ids, requests, per_request, computed)  # admits every request
             if cell != "unsteered":
                 report["admit_ms_per_request"][f"{workload} {cell}"] = (time.perf_counter() - start) * 1e3 / len(ids)
 
             def eager_step():
-                runtime.prepare(ids, requests, per_request, computed, query_pos)
+                runtime.prepare(ids, requests, per_request, computed)
                 for row in bank_rows:
                     runtime.steer_eager(x, row)
 
             def compiled_step(steered=True):
-                runtime.prepare(ids, requests, per_request, computed, query_pos)
+                runtime.prepare(ids, requests, per_request, computed)
                 compiled[steered](x, residual)
 
             rows["eager"][cell] = best_ms(eager_step, args.steps, args.repeats)

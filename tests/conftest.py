@@ -13,15 +13,32 @@ import pytest
 import torch
 
 TESTS = Path(__file__).parent
-# Engine workers are spawned processes; they must import tests/probes.py and run probe functions.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-sys.path.insert(0, str(TESTS))
+TRITON_CPU = TESTS / "triton_cpu"  # Model Runner V2 through Triton's interpreter (triton_cpu/standin.py)
+# Engine workers are spawned processes; they must import tests/probes.py and run probe functions, and start the
+# Triton stand-in when they run Model Runner V2.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), str(TRITON_CPU), os.environ.get("PYTHONPATH")]))
+sys.path[:0] = [str(TESTS), str(TRITON_CPU)]
+# Which vLLM model runner every engine of this session uses: v1 (the default) or v2 (Model Runner V2, through
+# Triton's interpreter on this CPU machine). One per session: vLLM reads the choice in every process.
+RUNNER = os.environ.get("EMOSTEER_TEST_RUNNER", "v1")
+if RUNNER not in ("v1", "v2"):
+    raise ValueError(f"EMOSTEER_TEST_RUNNER must be v1 or v2, not {RUNNER!r}")
+os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if RUNNER == "v2" else "0"
+if RUNNER == "v2":
+    os.environ["TRITON_INTERPRET"] = "1"
+    import standin
+
+    standin.install()
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ENGINE_FOLDERS = ("engine", "server")
+
+
+def pytest_report_header(config):
+    return f"emosteer: {'Model Runner V2 (Triton interpreter)' if RUNNER == 'v2' else 'V1 model runner'}"
 
 
 def pytest_configure(config):

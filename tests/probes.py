@@ -118,3 +118,8 @@ def take_deltas(model):
     out = pickle.dumps(list(DELTAS))
     DELTAS.clear()
     return out
+
+
+def steering_where(model):
+    """Which model runner drives the steering and which path the add takes (the start-up log's words)."""
+    return model.emosteer_runtime.where

@@ -265,7 +265,7 @@ def cmd_transform(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.model, args.vectors, args.intensity, args.max_tokens, args.compile)
+    run_demo(args.model, args.vectors, args.intensity, args.max_tokens, args.compile, args.greedy, args.dtype)
     return 0
 
 
@@ -530,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intensity", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--compile", action="store_true", help="use vLLM's compiled mode instead of eager")
+    p.add_argument("--greedy", action="store_true", help="decode greedily (temperature 0) instead of sampling")
+    p.add_argument("--dtype", default="auto", help="the model's dtype in vLLM (default: auto)")
     p.set_defaults(func=cmd_demo)
 
     bands = ["middle third", "30-70%", "middle half", "all"]

@@ -15,6 +15,7 @@ QUESTIONS = (
 )
 # what a chat front-end would send; a fixed seed per request makes each answer reproducible in any batch
 SAMPLING = {"temperature": 0.7, "top_p": 0.9, "seed": 0}
+GREEDY = {"temperature": 0.0}
 
 
 def variants(emotions: list[str], intensity: float) -> list[tuple[str, tuple[str, ...], dict | None]]:
@@ -52,7 +53,8 @@ def closing_line(vectors: Path, digest: str) -> str:
             + "; ".join(said) + ". The claims report: docs/claims.md.")
 
 
-def run_demo(model: str | None, vectors: str | None, intensity: float, max_tokens: int, compile_: bool) -> None:
+def run_demo(model: str | None, vectors: str | None, intensity: float, max_tokens: int, compile_: bool,
+             greedy: bool = False, dtype: str = "auto") -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
@@ -65,13 +67,14 @@ def run_demo(model: str | None, vectors: str | None, intensity: float, max_token
     path = vectors_path(vectors)
     bank = load_bank(path)
     llm = LLM(model=model, max_model_len=1024, enforce_eager=not compile_, additional_config={"emosteer": options},
-              seed=0)
+              seed=0, dtype=dtype)
+    sampling = GREEDY if greedy else SAMPLING
     rows = variants(bank.emotions, intensity)
     conversations, params, labels = [], [], []
     for question in QUESTIONS:
         for label, target, extra in rows:
             conversations.append([{"role": "user", "content": question}])
-            params.append(SamplingParams(max_tokens=max_tokens, extra_args=extra, **SAMPLING))
+            params.append(SamplingParams(max_tokens=max_tokens, extra_args=extra, **sampling))
             labels.append((question, label, target))
     try:
         outputs = llm.chat(conversations, params, use_tqdm=True)
@@ -79,9 +82,9 @@ def run_demo(model: str | None, vectors: str | None, intensity: float, max_token
         llm.llm_engine.engine_core.shutdown()  # before exit: left to garbage collection, exit can abort
     texts = [o.outputs[0].text.strip() for o in outputs]
     scores, prototypes = emotion_scores(texts), prototype_scores(texts)
-    settings = ", ".join(f"{k} {v}" for k, v in SAMPLING.items())
+    how = "greedy" if greedy else "sampled: " + ", ".join(f"{k} {v}" for k, v in SAMPLING.items()) + " per request"
     print(f"\n{len(texts)} requests with {len(rows)} different steering settings ran in one batch "
-          f"(sampled: {settings} per request; {max_tokens} tokens).")
+          f"({how}; {max_tokens} tokens).")
     print("Each answer's top emotion by two scorers, NADE (a learned emotion model) and MiniLM (cosine to emotion "
           "prototypes); + marks the emotion it was steered toward.\n")
     current = None

@@ -232,8 +232,7 @@ def test_host_plan_equals_the_op(runtime, dtype, specs, prompts, tokens, compute
     requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=spec), num_prompt_tokens=n)
                 for r, spec, n in zip(req_ids, specs, prompts)}
     tokens, computed = np.array(tokens), np.array(computed)
-    query_pos = np.concatenate([np.arange(n) for n in tokens])
-    runtime.prepare(req_ids, requests, tokens, computed, query_pos)
+    runtime.prepare(req_ids, requests, tokens, computed)
     total = int(tokens.sum())
     x = (torch.randn(total + padding, TINY_HIDDEN) * 3).to(dtype)
     expected, original = x.clone(), x.clone()

@@ -2,7 +2,7 @@
 
 * EngineArgs.create_engine_config: checks the options, the vectors files and the engine's features at start, so a
   bad file stops the engine with one clear message, and adds a digest of the vector sets to additional_config,
-  which vLLM hashes into its compile-cache key; on CUDA it selects the V1 model runner (notice logged).
+  which vLLM hashes into its compile-cache key.
 * InputProcessor.process_inputs (`LLM` and `vllm serve` alike): validates each request's steering before anything
   is scheduled, holds its vector sets (usage.py) and gives it its prefix-cache key (prefix_cache.py).
 * OutputProcessor.add_request / _finish_request / abort_requests: a request's sets are held until it ends.
@@ -84,14 +84,8 @@ def process_inputs(processor, original, request_id, prompt, params, args, kwargs
 
 def patch_engine_args() -> list[str]:
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.platforms import current_platform
-
     def make(original):
         def create_engine_config(self, *args, **kwargs):
-            extra = self.additional_config if isinstance(self.additional_config, dict) else {}
-            if CONFIG_KEY in extra and not current_platform.is_cpu() and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
-                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-                logger.warning("emosteer: using vLLM's V1 model runner (Model Runner V2 is not supported yet)")
             return checked_engine_config(original(self, *args, **kwargs))
 
         return create_engine_config

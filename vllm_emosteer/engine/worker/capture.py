@@ -49,8 +49,7 @@ class Capture:
         self.counts[slot], self.norms[slot] = 0, []
         self.of_request[req_id] = (slot, *spec)
 
-    def prepare(self, req_ids, requests, num_tokens_per_req: np.ndarray, num_computed: np.ndarray,
-                query_pos: np.ndarray) -> None:
+    def prepare(self, req_ids, requests, num_tokens_per_req: np.ndarray, positions: np.ndarray) -> None:
         for req_id in req_ids:
             if req_id not in self.of_request:
                 self._admit(req_id, requests[req_id])
@@ -58,11 +57,9 @@ class Capture:
         if all(e is None for e in entries):
             self.step = None
             return
-        total = int(num_tokens_per_req.sum())
         slot = np.repeat([e[0] if e else -1 for e in entries], num_tokens_per_req)
         first = np.repeat([e[2] if e else 0 for e in entries], num_tokens_per_req)
         norms_from = np.repeat([e[3] if e else 0 for e in entries], num_tokens_per_req)
-        positions = np.repeat(num_computed, num_tokens_per_req) + query_pos[:total]
         summed = np.flatnonzero((slot >= 0) & (positions >= first))
         normed = np.flatnonzero((slot >= 0) & (positions >= norms_from))
         for s, n in zip(*np.unique(slot[summed], return_counts=True)):

@@ -7,9 +7,9 @@ input would steer the wrong rows); row_of_token is int32 with at least T entries
 [slots, L, E] fp32; bank is [L, E, H] fp32. The sum is taken in fp32 and rounded once into x.
 
 Registration:
-* Where Triton imports, `steer_add_` is a `torch.library.triton_op`: on CUDA it launches the fused Triton kernel
-  through `wrap_triton`, so torch.compile (Inductor) sees the kernel itself rather than an opaque call; on any
-  other device it calls `steer_add_torch_`.
+* Where Triton imports, `steer_add_` is a `torch.library.triton_op`: where the kernel runs (`kernel_runs_on`: CUDA,
+  or any device under Triton's interpreter) it launches the fused Triton kernel through `wrap_triton`, so
+  torch.compile (Inductor) sees the kernel itself rather than an opaque call; elsewhere it calls `steer_add_torch_`.
 * `steer_add_torch_` is an opaque op (torch gather + matmul, a fake that does nothing), so that no trace sees its
   data-dependent `nonzero`.
 * Without Triton (or with VLLM_EMOSTEER_OPAQUE_OP=1), `steer_add_` is an opaque op as well (CPU: torch;
@@ -30,6 +30,9 @@ from torch.library import Library
 
 SCHEMA = "(Tensor(a!) x, Tensor row_of_token, Tensor coeff, Tensor bank, int layer) -> ()"
 LIBRARY = Library("emosteer", "FRAGMENT")
+# Triton's interpreter (TRITON_INTERPRET=1) runs the kernel on CPU tensors: how the kernel's path inside vLLM is
+# tested on a machine without a GPU (Model Runner V2 needs the same interpreter there).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def check_shapes(x: torch.Tensor, row_of_token: torch.Tensor, coeff: torch.Tensor, bank: torch.Tensor) -> None:
@@ -84,9 +87,9 @@ def steer_add_masked(x: torch.Tensor, row_of_token: torch.Tensor, coeff: torch.T
 
 def steer_add_eager(x: torch.Tensor, row_of_token: torch.Tensor, coeff: torch.Tensor, bank: torch.Tensor,
                     layer: int) -> None:
-    """The op's work without the dispatcher (eager forwards only, never while torch.compile traces): CUDA launches
-    the kernel directly, anything else runs the torch implementation."""
-    if x.device.type == "cuda" and TRITON_OP:
+    """The op's work without the dispatcher (eager forwards only, never while torch.compile traces): where the kernel
+    runs it is launched directly, anything else runs the torch implementation."""
+    if kernel_runs_on(x.device):
         check_shapes(x, row_of_token, coeff, bank)
         if x.shape[0]:
             launch(x, row_of_token, coeff, bank, layer, block_config(x.shape[1], x.shape[0]))
@@ -114,6 +117,11 @@ def _triton_available() -> bool:
     return True
 
 
+def kernel_runs_on(device: torch.device) -> bool:
+    """Whether the op is the Triton kernel on this device: on CUDA, and on any device under Triton's interpreter."""
+    return TRITON_OP and (device.type == "cuda" or INTERPRETED)
+
+
 LIBRARY.define("steer_add_torch_" + SCHEMA)
 LIBRARY.impl("steer_add_torch_", steer_add_torch, "CPU")
 LIBRARY.impl("steer_add_torch_", steer_add_torch, "CUDA")  # only reached without Triton, or by choice
@@ -130,7 +138,7 @@ if TRITON_OP:
     def steer_add_(x: torch.Tensor, row_of_token: torch.Tensor, coeff: torch.Tensor, bank: torch.Tensor,
                    layer: int) -> None:
         check_shapes(x, row_of_token, coeff, bank)
-        if x.device.type != "cuda":
+        if not kernel_runs_on(x.device):
             torch.ops.emosteer.steer_add_torch_(x, row_of_token, coeff, bank, layer)
             return
         T, H = x.shape

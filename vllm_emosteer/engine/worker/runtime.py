@@ -7,8 +7,11 @@
 * `row_of_token[T_max]` (int32): for each token of the flattened batch, its request's slot, or -1 when the
   token is not steered (unsteered request, prompt token in "response" mode, padding).
 
-They are allocated once, before profiling, compilation and graph capture, and never reallocated. Compiled graphs
-and CUDA graphs read them as tensors (on CUDA the op; compiled on CPU, plain torch ops that gather from
+They are allocated once, before profiling, compilation and graph capture, and never reallocated. On CPU the host
+arrays are the device tensors; on CUDA each step's values go up through a round-robin of pinned host buffers
+(vLLM's `UvaBufferPool`, as Model Runner V2 does for its own inputs), so that writing step N+1's rows never touches
+a host buffer that step N's copy may still be reading (async scheduling), whichever runner drives the steps.
+Compiled graphs and CUDA graphs read them as tensors (on CUDA the op; compiled on CPU, plain torch ops that gather from
 `slot_offsets`, the host plan's per-slot table, or from coeff and bank where there is no table), so they see new
 values at every step.
 """
@@ -24,7 +27,7 @@ from vllm.v1.utils import CpuGpuBuffer
 
 from ...vectors.bank import EmotionBank
 from .capture import Capture
-from .ops import steer_add_eager
+from .ops import kernel_runs_on, steer_add_eager
 from ..options import EmosteerOptions
 from ..spec import SteeringSpec, first_steered_position, parse_steering
 
@@ -48,16 +51,23 @@ class StepPlan:
 
 
 class SteeringRuntime:
-    def __init__(self, options: EmosteerOptions, max_tokens: int, max_slots: int, device: torch.device):
+    def __init__(self, options: EmosteerOptions, max_tokens: int, max_slots: int, device: torch.device,
+                 max_steps_in_flight: int = 2):
         self.options = options
         self.device_vectors = options.sets.device_bank(device)  # fp32 [L, C, H]
         L, E, H = self.device_vectors.shape
-        pin = device.type == "cuda"
-        self.row_of_token = CpuGpuBuffer(max_tokens, dtype=torch.int32, device=device, pin_memory=pin)
-        self.coeff = CpuGpuBuffer(max_slots, L, E, dtype=torch.float32, device=device, pin_memory=pin)
+        self.row_of_token = CpuGpuBuffer(max_tokens, dtype=torch.int32, device=device, pin_memory=False)
+        self.coeff = CpuGpuBuffer(max_slots, L, E, dtype=torch.float32, device=device, pin_memory=False)
+        self.uploads = None
         if device.type == "cpu":  # one tensor serves both sides
             self.row_of_token.gpu = self.row_of_token.cpu
             self.coeff.gpu = self.coeff.cpu
+        else:
+            from vllm.v1.worker.gpu.buffer_utils import UvaBufferPool
+
+            depth = max(2, max_steps_in_flight)
+            self.uploads = {"rows": UvaBufferPool(max_tokens, torch.int32, depth),
+                            "coeff": UvaBufferPool((max_slots, L, E), torch.float32, depth)}
         self.row_of_token.np.fill(UNSTEERED)
         self.row_of_token.gpu.fill_(UNSTEERED)
         self.start_of_slot = np.zeros(max_slots, dtype=np.int64)  # first steered position of the slot's request
@@ -72,12 +82,13 @@ class SteeringRuntime:
         self.host_plan = False
         self.plan: StepPlan | None = None
         self.hooks_ran = False  # a hooked forward has run (and checked the hooked tensors' shapes)
+        self.where = ""  # which model runner drives it and which path the add takes (the start-up log's words)
         # CPU host plan: each slot's offsets at every bank row, [slots, L, H] fp32, computed once when a request
         # gets the slot, so that a steered layer costs one small add (no per-step or per-layer matmul); compiled CPU
         # graphs gather from it too (hooks._steer), so eager and compiled add the same fp32 offsets
         self.slot_offsets: torch.Tensor | None = None
         self.offset_rows: list[tuple[torch.Tensor, ...]] = []  # per slot, its [H] offset at each bank row (views)
-        if device.type == "cpu" and max_slots * L * H <= SLOT_OFFSETS_LIMIT:
+        if device.type == "cpu" and not kernel_runs_on(device) and max_slots * L * H <= SLOT_OFFSETS_LIMIT:
             self.slot_offsets = torch.zeros(max_slots, L, H)
             self.offset_rows = [self.slot_offsets[slot].unbind(0) for slot in range(max_slots)]
 
@@ -134,11 +145,23 @@ class SteeringRuntime:
         return vector_set.digest
 
     # ---- per step ---------------------------------------------------------------------------------------
-    def prepare(self, req_ids: list[str], requests: dict, num_tokens_per_req: np.ndarray,
-                num_computed: np.ndarray, query_pos: np.ndarray) -> None:
-        """Fill row_of_token for this step's flattened batch (requests in batch-row order)."""
+    def _upload_rows(self, n: int) -> None:
+        if self.uploads is not None and n:
+            self.uploads["rows"].copy_to_gpu(self.row_of_token.np[:n], out=self.row_of_token.gpu[:n])
+
+    def _upload_coeff(self) -> None:
+        if self.uploads is not None:
+            self.uploads["coeff"].copy_to_gpu(self.coeff.np, out=self.coeff.gpu)
+
+    def prepare(self, req_ids: list[str], requests, num_tokens_per_req: np.ndarray, num_computed: np.ndarray) -> None:
+        """Fill row_of_token for this step's flattened batch: `req_ids` in batch-row order, each with its number of
+        scheduled tokens and of tokens computed before this step; `requests[req_id]` has `sampling_params` and
+        `num_prompt_tokens` (read once, when a request is first seen)."""
+        total = int(num_tokens_per_req.sum())
+        starts = np.cumsum(num_tokens_per_req) - num_tokens_per_req
+        positions = np.arange(total) + np.repeat(num_computed - starts, num_tokens_per_req)  # of each batch token
         if self.capture is not None:
-            self.capture.prepare(req_ids, requests, num_tokens_per_req, num_computed, query_pos)
+            self.capture.prepare(req_ids, requests, num_tokens_per_req, positions)
         if any(r not in self.slot_of for r in req_ids):
             scheduled = set(req_ids)
             admitted = [r for r in req_ids if r not in self.slot_of]
@@ -150,28 +173,26 @@ class SteeringRuntime:
                     # must not depend on which requests were admitted with it
                     self.slot_offsets[slot] = torch.bmm(self.coeff.gpu[slot].unsqueeze(1), self.device_vectors).squeeze(1)
         if self.coeff_dirty:
-            self.coeff.copy_to_gpu()
+            self._upload_coeff()
             self.coeff_dirty = False
         slots = np.fromiter((self.slot_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
         if self.options.mode == "naive":
             self._prepare_segments(slots, num_tokens_per_req, num_computed)
             return
-        total = int(num_tokens_per_req.sum())
         if (slots == UNSTEERED).all():
             if self.steered_upto:
                 self.row_of_token.np[: self.steered_upto] = UNSTEERED
-                self.row_of_token.copy_to_gpu(self.steered_upto)
+                self._upload_rows(self.steered_upto)
                 self.steered_upto = 0
             self.plan = StepPlan(total) if self.host_plan else None
             return
         token_slot = np.repeat(slots, num_tokens_per_req)
-        positions = np.repeat(num_computed, num_tokens_per_req) + query_pos[:total]
         first_steered = np.where(token_slot >= 0, self.start_of_slot[token_slot], NEVER)
         rows = self.row_of_token.np[:total]
         rows[:] = np.where(positions >= first_steered, token_slot, UNSTEERED)
         stale = max(self.steered_upto, total)
         self.row_of_token.np[total:stale] = UNSTEERED
-        self.row_of_token.copy_to_gpu(stale)
+        self._upload_rows(stale)
         self.steered_upto = total
         if self.host_plan:
             self.plan = self._plan(rows, total)
@@ -182,7 +203,7 @@ class SteeringRuntime:
         n = int(steered.sum())
         if n == 0:
             return StepPlan(total)
-        if self.slot_offsets is None:  # CUDA without graphs (or a very large CPU table): the general path
+        if self.slot_offsets is None:  # the kernel (CUDA without graphs) or a very large CPU table: the general path
             return StepPlan(total, steered=n)
         index = None if n == total else torch.from_numpy(np.flatnonzero(steered))
         token_slots = rows[steered] if index is not None else rows
