@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.emosteer-installed
 
-.PHONY: setup browser demo test test-unit bench eval clean
+.PHONY: setup browser demo test test-unit bench eval conformance clean
 
 setup: $(STAMP) browser
 
@@ -38,6 +38,17 @@ test: setup
 # the engine-free lane (tests/unit): seconds, no vLLM engine
 test-unit: setup
 	$(PY) -m pytest -q -m "not engine" tests
+
+# vLLM version drift as a check: every internal the plugin touches (engine/vllm_internals.py), read from the sources
+# of the installed vLLM and of the CUDA wheels of the newer releases (downloaded once; never installed or imported)
+CONFORMANCE_VERSIONS := 0.33.0 0.34.0
+WHEELS := build/wheels
+
+conformance: $(STAMP)
+	for v in $(CONFORMANCE_VERSIONS); do \
+		ls $(WHEELS)/vllm-$$v-*.whl >/dev/null 2>&1 || $(PIP) download --no-deps "vllm==$$v" -d $(WHEELS) || exit 1; \
+	done
+	$(PY) -m vllm_emosteer.engine.conformance installed $(foreach v,$(CONFORMANCE_VERSIONS),$(WHEELS)/vllm-$(v)-*.whl)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

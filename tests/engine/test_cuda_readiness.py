@@ -1,7 +1,7 @@
 """What the CUDA path depends on, checked on CPU (issue 10): the GPU benchmark's whole path runs here first
 (--smoke, without vLLM and without the installed package); the compile cache key follows the vectors file's
-contents; per-step copies happen inside vLLM's input-prep window (the async-scheduling race); the device tensors
-are model buffers (sleep mode level 2); naive mode refuses CUDA graphs; the eager host plan equals the op."""
+contents; the device tensors are model buffers (sleep mode level 2), written in place, through a rotating host
+buffer per step (async scheduling); naive mode refuses CUDA graphs; the eager host plan equals the op."""
 
 import os
 import subprocess
@@ -125,47 +125,6 @@ def test_naive_mode_refuses_cuda_graphs(tiny_llama, tiny_bank_path):
 
 
 # ---- inside the real CPU engine's worker (functions run there through LLM.apply_model) ----------------------
-COPIES = []
-
-
-def watch_input_prep(model):
-    """Flag vLLM's input-prep window and record, for every copy of the plugin's buffers, whether it is inside."""
-    import contextlib
-
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    state = {"inside": False}
-    original = GPUModelRunner.synchronize_input_prep
-
-    @contextlib.contextmanager
-    def flagged(self):
-        with original(self):
-            state["inside"] = True
-            try:
-                yield
-            finally:
-                state["inside"] = False
-
-    GPUModelRunner.synchronize_input_prep = flagged
-    runtime = model.emosteer_runtime
-    for name in ("row_of_token", "coeff"):
-        buffer = getattr(runtime, name)
-        copy = buffer.copy_to_gpu
-
-        def recorded(*args, copy=copy, name=name):
-            COPIES.append((name, state["inside"]))
-            return copy(*args)
-
-        buffer.copy_to_gpu = recorded
-    return True
-
-
-def take_copies(model):
-    out = list(COPIES)
-    COPIES.clear()
-    return out
-
-
 def buffer_names(model):
     runtime = model.emosteer_runtime
     buffers = dict(model.named_buffers())
@@ -174,20 +133,17 @@ def buffer_names(model):
              ("emosteer_coeff", runtime.coeff.gpu)) if name in buffers}
 
 
-def test_copies_inside_input_prep_window_and_buffers_registered(tiny_llama, tiny_bank_path):
+def test_device_tensors_are_model_buffers_and_never_reallocated(tiny_llama, tiny_bank_path):
     llm = tiny_llm(tiny_llama, tiny_bank_path)
     try:
         assert llm.apply_model(buffer_names) == [{"emosteer_bank": True, "emosteer_rows": True,
                                                   "emosteer_coeff": True}]
-        llm.apply_model(watch_input_prep)
         specs = [steer(joy=1.0), None, steer(anger=0.5, positions="all")]
         llm.generate([prompt(70, i) for i in range(3)], [params(s) for s in specs])  # chunked prefill + decode
-        llm.generate([prompt(10, 9)], [params()])  # an unsteered step after steered ones: rows are reset
-        copies = [c for worker in llm.apply_model(take_copies) for c in worker]
+        assert llm.apply_model(buffer_names) == [{"emosteer_bank": True, "emosteer_rows": True,
+                                                  "emosteer_coeff": True}]
     finally:
         shutdown(llm)
-    assert {name for name, _ in copies} == {"row_of_token", "coeff"}, copies
-    assert all(inside for _, inside in copies), [c for c in copies if not c[1]]
 
 
 # ---- the eager host plan against the op ---------------------------------------------------------------------
@@ -245,3 +201,33 @@ def test_host_plan_equals_the_op(runtime, dtype, specs, prompts, tokens, compute
     assert (runtime.plan.steered == 0) == nothing
     assert torch.equal(x, original) == nothing
     assert torch.equal(x[total:], original[total:])  # padding is never steered
+
+
+def test_uploads_rotate_host_buffers_and_write_the_device_tensors_in_place(runtime, monkeypatch):
+    """The CUDA layout (separate device tensors, uploads through vLLM's UvaBufferPool), on CPU tensors: step N+1's
+    rows are written into another host buffer than step N's (whose copy may still be in flight), and always into
+    the same device tensors."""
+    from vllm.v1.worker.cpu import buffer_utils as cpu_buffers
+    from vllm.v1.worker.gpu import buffer_utils
+    from vllm.v1.worker.gpu.buffer_utils import UvaBufferPool
+
+    monkeypatch.setattr(buffer_utils, "UvaBuffer", cpu_buffers.UvaBuffer)  # as vLLM's CPU runner does (no pinning)
+
+    rows, coeff = torch.full_like(runtime.row_of_token.cpu, -7), torch.zeros_like(runtime.coeff.cpu)
+    runtime.row_of_token.gpu, runtime.coeff.gpu = rows, coeff
+    runtime.uploads = {"rows": UvaBufferPool(rows.shape[0], torch.int32, 2),
+                       "coeff": UvaBufferPool(tuple(coeff.shape), torch.float32, 2)}
+    requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=spec), num_prompt_tokens=4)
+                for r, spec in (("a", JOY), ("b", None), ("c", FEAR_ALL))}
+    hosts, seen = [], []
+    for step, tokens in enumerate(([4, 4, 4], [1, 1, 1], [1, 1, 1])):
+        runtime.prepare(["a", "b", "c"], requests, np.array(tokens), np.array([0, 0, 0]) + 4 * (step > 0) + step)
+        total = sum(tokens)
+        assert torch.equal(rows[:total], torch.from_numpy(runtime.row_of_token.np[:total]))
+        assert rows.data_ptr() == runtime.row_of_token.gpu.data_ptr()
+        hosts.append(runtime.uploads["rows"]._uva_bufs[runtime.uploads["rows"]._curr].cpu.data_ptr())
+        seen.append(rows[:12].tolist())
+    assert hosts[0] != hosts[1] and hosts[1] != hosts[2]
+    assert torch.equal(coeff, runtime.coeff.cpu) and coeff.abs().sum() > 0
+    assert seen[0] == [-1, -1, -1, 0, -1, -1, -1, -1, 1, 1, 1, 1]  # prefill: a's last prompt token, all of c
+    assert seen[2] == [0, -1, 1] + [-1] * 9  # decode: the prefill's rows are cleared

@@ -45,3 +45,19 @@ def test_demo_prints_the_same_greedy_text_on_both_runners():
     assert "Using V2 Model Runner" in v2.stderr and "Using V2 Model Runner" not in v1.stderr
     assert "21 requests with 7 different steering settings ran in one batch (greedy; 12 tokens)" in v1.stdout
     assert v2.stdout == v1.stdout
+
+
+UNHOOKED = """
+import sys
+from engine_helpers import tiny_llm
+if __name__ == "__main__":
+    tiny_llm(sys.argv[1], sys.argv[2], worker_cls="unhooked_worker.UnhookedWorker")
+    print("STARTED")
+"""
+
+
+def test_a_runner_the_plugin_does_not_hook_refuses_to_start(tiny_llama, tiny_bank_path):
+    run = subprocess.run([sys.executable, "-c", UNHOOKED, str(tiny_llama), str(tiny_bank_path)], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode != 0 and "STARTED" not in run.stdout, run.stdout[-2000:]
+    assert "a model runner the plugin does not hook; refusing to run unsteered" in run.stderr, run.stderr[-3000:]

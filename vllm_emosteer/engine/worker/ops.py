@@ -7,9 +7,11 @@ input would steer the wrong rows); row_of_token is int32 with at least T entries
 [slots, L, E] fp32; bank is [L, E, H] fp32. The sum is taken in fp32 and rounded once into x.
 
 Registration:
-* Where Triton imports, `steer_add_` is a `torch.library.triton_op`: where the kernel runs (`kernel_runs_on`: CUDA,
-  or any device under Triton's interpreter) it launches the fused Triton kernel through `wrap_triton`, so
-  torch.compile (Inductor) sees the kernel itself rather than an opaque call; elsewhere it calls `steer_add_torch_`.
+* Where Triton imports, `steer_add_` is a `torch.library.triton_op`: on CUDA it launches the fused Triton kernel
+  through `wrap_triton`, so torch.compile (Inductor) sees the kernel itself rather than an opaque call; on any
+  other device it calls `steer_add_torch_`.
+* Eager forwards call `steer_add_eager` (no dispatcher): the kernel wherever it runs (`kernel_runs_on`: CUDA, or
+  any device under Triton's interpreter, which is how the kernel's path inside vLLM is tested on CPU).
 * `steer_add_torch_` is an opaque op (torch gather + matmul, a fake that does nothing), so that no trace sees its
   data-dependent `nonzero`.
 * Without Triton (or with VLLM_EMOSTEER_OPAQUE_OP=1), `steer_add_` is an opaque op as well (CPU: torch;
@@ -138,7 +140,7 @@ if TRITON_OP:
     def steer_add_(x: torch.Tensor, row_of_token: torch.Tensor, coeff: torch.Tensor, bank: torch.Tensor,
                    layer: int) -> None:
         check_shapes(x, row_of_token, coeff, bank)
-        if not kernel_runs_on(x.device):
+        if x.device.type != "cuda":  # traced, the interpreter's kernel cannot run on fake tensors
             torch.ops.emosteer.steer_add_torch_(x, row_of_token, coeff, bank, layer)
             return
         T, H = x.shape

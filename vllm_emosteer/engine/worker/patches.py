@@ -1,12 +1,14 @@
 """The workers' wrappers on vLLM: the runner seams (v1_runner.py, v2_runner.py), and on the worker:
 
-* compile_or_warm_up_model: one dummy forward where start-up ran none (CPU, eager), so that the hooks' shape check
-  refuses a model at start rather than at its first request.
+* compile_or_warm_up_model: refuse to start when steering is on but the worker's model runner is none the seams
+  hook (e.g. vLLM 0.34's standalone CPU runner, on CPUs without Triton); one dummy forward where start-up ran none
+  (CPU, eager), so that the hooks' shape check refuses a model at start rather than at its first request.
 * WorkerBase gets the collective RPC methods (rpc.py).
 """
 
 from __future__ import annotations
 
+from ..options import is_enabled
 from ..vllm_internals import TAKE_CAPTURES_RPC, UPDATE_SET_RPC, runtime_of, wrap_where_defined
 from . import v1_runner, v2_runner
 from .rpc import take_captures_on_worker, update_set_on_worker
@@ -19,6 +21,10 @@ def patch_warm_up() -> list[str]:
         def compile_or_warm_up_model(self, *args, **kwargs):
             result = original(self, *args, **kwargs)
             runtime = runtime_of(self)
+            if runtime is None and is_enabled(self.vllm_config):
+                raise RuntimeError(f"emosteer: steering is on, but this worker runs vLLM's "
+                                   f"{type(self.model_runner).__qualname__} ({type(self.model_runner).__module__}), "
+                                   "a model runner the plugin does not hook; refusing to run unsteered")
             if runtime is not None and runtime.handles and not runtime.hooks_ran:
                 self.model_runner._dummy_run(2)  # 2 tokens: a [T, 1, H] output must not pass as [1, T, H]
             return result
