@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.emosteer-installed
 
-.PHONY: setup browser demo test test-unit bench eval conformance clean
+.PHONY: setup browser demo test test-mrv2 test-unit bench eval conformance clean
 
 setup: $(STAMP) browser
 
@@ -32,8 +32,16 @@ $(STAMP): setup.py
 demo: setup
 	$(VENV)/bin/vllm-emosteer demo
 
+# The tests that also run on Model Runner V2 in `make test` (through Triton's interpreter: slow on 2 cores, see
+# docs/testing.md); `make test-mrv2` runs every engine and server test on it.
+MRV2_LANE := tests/engine/test_runners.py tests/engine/test_engine.py tests/engine/test_identity.py
+
 test: setup
 	$(PY) -m pytest -q tests
+	EMOSTEER_TEST_RUNNER=v2 $(PY) -m pytest -q $(MRV2_LANE)
+
+test-mrv2: setup
+	EMOSTEER_TEST_RUNNER=v2 $(PY) -m pytest -q -m engine tests
 
 # the engine-free lane (tests/unit): seconds, no vLLM engine
 test-unit: setup

@@ -188,3 +188,15 @@ def test_output_is_a_markdown_table(installed, capsys, monkeypatch):
     assert lines[:2] == ["| internal | used by | 0.32.0 | 0.32.0 |", "|---|---|---|---|"]
     assert all(line.count(" | ") == 3 for line in lines[2:])  # a `|` inside a cell is escaped
     assert any("\\|" in line for line in lines)
+
+
+@pytest.mark.parametrize("version, known, words", [("0.32.0", True, "run by the plugin's tests"),
+                                                   ("0.34.0", True, "checked (its sources, by make conformance), not run"),
+                                                   ("0.35.0", False, "neither run nor checked")])
+def test_the_start_up_log_says_whether_the_version_was_run_or_only_checked(monkeypatch, version, known, words):
+    import vllm
+
+    from vllm_emosteer.engine.vllm_internals import version_status
+
+    monkeypatch.setattr(vllm, "__version__", version)
+    assert version_status() == (known, f"vLLM {version} {words} (run: 0.32; checked: 0.33 and 0.34)")

@@ -11,7 +11,7 @@ import logging
 
 from . import prefix_cache
 from .frontend import patches as frontend_patches
-from .vllm_internals import CHECKED_VERSIONS, RUN_VERSIONS, vllm_version
+from .vllm_internals import version_status
 from .worker import patches as worker_patches
 
 logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
@@ -22,13 +22,9 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    version = vllm_version()
-    if version.startswith(CHECKED_VERSIONS):
-        logger.info("emosteer: vLLM %s: the plugin's vLLM internals were checked in its sources (conformance); its "
-                    "tests run vLLM %s", version, " and ".join(RUN_VERSIONS))
-    elif not version.startswith(RUN_VERSIONS):
-        logger.warning("emosteer: vLLM %s was neither run nor checked; the plugin's tests run vLLM %s and its "
-                       "conformance check read %s", version, " and ".join(RUN_VERSIONS), " and ".join(CHECKED_VERSIONS))
+    known, status = version_status()
+    if not known:
+        logger.warning("emosteer: %s", status)
     patched = frontend_patches.install() + prefix_cache.install() + worker_patches.install()
     _installed = True
     logger.debug("emosteer: wrapped %s", ", ".join(patched))

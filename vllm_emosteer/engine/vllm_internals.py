@@ -208,3 +208,15 @@ def vllm_version() -> str:
     import vllm
 
     return getattr(vllm, "__version__", "unknown")
+
+
+def version_status() -> tuple[bool, str]:
+    """(whether this vLLM was run or checked, the words for the start-up log)."""
+    version, run, checked = vllm_version(), " and ".join(RUN_VERSIONS), " and ".join(CHECKED_VERSIONS)
+    if version.startswith(RUN_VERSIONS):
+        how = "run by the plugin's tests"
+    elif version.startswith(CHECKED_VERSIONS):
+        how = "checked (its sources, by make conformance), not run"
+    else:
+        how = "neither run nor checked"
+    return how != "neither run nor checked", f"vLLM {version} {how} (run: {run}; checked: {checked})"

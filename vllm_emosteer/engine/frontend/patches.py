@@ -20,7 +20,7 @@ import weakref
 from .. import metrics
 from ..options import CONFIG_KEY, DIGEST_KEY, EmosteerConfigError, frontend_options, is_enabled, options_from_vllm_config
 from ..prefix_cache import CACHE_KEY, cache_entry
-from ..vllm_internals import under_vllm_cli, wrap
+from ..vllm_internals import under_vllm_cli, version_status, wrap
 from .usage import usage
 from .validation import check_engine_features, refuse_on_streaming_input, refuse_with_beam_search, routes_allowed, \
     validate
@@ -45,7 +45,7 @@ def checked_engine_config(config):
     # (other layers, hook or emotions) would reload graphs that steer the wrong layers
     raw = dict(config.additional_config[CONFIG_KEY] or {}, **{DIGEST_KEY: options.config_digest})
     config.additional_config = dict(config.additional_config, **{CONFIG_KEY: raw})
-    logger.info("emosteer: steering enabled: %s", options.describe())
+    logger.info("emosteer: steering enabled: %s; %s", options.describe(), version_status()[1])
     if under_vllm_cli() and not routes_allowed(os.environ.get("VLLM_PLUGINS")):
         logger.warning("emosteer: steering is on, but its HTTP routes (/v1/emosteer, vector sets, the playground) "
                        "are not loaded: vLLM loads endpoint plugins only when VLLM_PLUGINS names them; add emosteer "
