@@ -54,6 +54,9 @@ def cmd_extract(args) -> int:
     given = [f"--{k.replace('_', '-')}" for k in LEARNED_FLAGS if getattr(args, k) is not None]
     if args.recipe != "learned" and given:
         return _die(f"{', '.join(given)}: only with --recipe learned")
+    if args.skip_missing and (args.recipe != "contrast" or args.pairs):
+        return _die("--skip-missing: only with --recipe contrast (its filter is what can leave an emotion without "
+                    "a contrast)")
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     if args.recipe == "learned":
         return _extract_learned(args, model, templates, questions, pairs)
@@ -76,6 +79,7 @@ def cmd_extract(args) -> int:
             templates=templates, filter_pairs=not args.no_filter,
             model_name=DEFAULT_MODEL_NAME if args.model is None else Path(model).name,
             engine=engine, pairs=pairs, pairs_source=Path(args.pairs).name if args.pairs else None,
+            skip_missing=args.skip_missing,
         )
     except ValueError as exc:
         return _die(str(exc), 1)
@@ -98,6 +102,9 @@ def cmd_extract(args) -> int:
             print(f"  {e}: emotional answers by where the emotion was asked for (NADE / MiniLM): {placements}")
     print(f"wrote {bank.save(args.out)}: {list(bank.vectors.shape)} (layers, emotions, hidden), hook {bank.hook}, "
           f"units {bank.units}; calibrate it next: vllm-emosteer calibrate --vectors {args.out}")
+    if bank.recipe.get("left_out"):
+        print(f"vllm-emosteer: left out (no usable contrast, --skip-missing): {', '.join(bank.recipe['left_out'])}",
+              file=sys.stderr)
     return 0
 
 
@@ -311,7 +318,7 @@ def _sweep(args, bank, emotions, prompts, values, bands):
 
 
 def cmd_eval(args) -> int:
-    from .quality.evaluate import (calibrated_variants, extra_variants, markdown, neutral_prompts, plot, prompt_variants,
+    from .quality.evaluate import (calibrated_rows, extra_variants, markdown, neutral_prompts, plot, prompt_variants,
                            Variant)
 
     bank, source = _bank_arg(args.vectors)
@@ -321,9 +328,10 @@ def cmd_eval(args) -> int:
     prompts = neutral_prompts()[: args.prompts]
     if args.prototypes:
         return _eval_concepts(args, bank, source, prompts)
-    variants = [Variant("unsteered", None)] + prompt_variants(emotions)
-    if bank.calibration:
-        variants += calibrated_variants(emotions, args.intensity)
+    steered, why = calibrated_rows(bank.calibration, emotions, args.intensity, args.vectors or source)
+    if why:
+        print(f"vllm-emosteer: {why}", file=sys.stderr)
+    variants = [Variant("unsteered", None)] + prompt_variants(emotions) + steered
     if args.extras:
         variants += extra_variants(emotions, args.intensity)
     result = _run_variants(args, args.vectors, variants, prompts)
@@ -466,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-parallel-size", type=int, default=1, help="--engine vllm: as vLLM's")
     p.add_argument("--no-filter", action="store_true",
                    help="contrast recipe: keep every pair (no NADE / MiniLM check of the answers)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="contrast recipe: write the emotions that have a usable contrast and name the ones left out "
+                        "(default: stop, writing nothing)")
     p.add_argument("--hook", choices=["attn_out", "residual"], default="attn_out")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=16)

@@ -94,3 +94,20 @@ def test_the_http_routes_are_loaded_without_dropping_other_plugins():
     assert "emosteer" in plugins_with_ours(None).split(",")
     assert routes_allowed(plugins_with_ours(None)) and routes_allowed("a, emosteer")
     assert not routes_allowed(None) and not routes_allowed("") and not routes_allowed("emosteer2")
+
+
+@pytest.mark.parametrize(
+    "engine_args, words",
+    [
+        ({"kv_sharing_fast_prefill": True}, "kv_sharing_fast_prefill runs the cross-decoder layers on one token"),
+        ({"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
+         "the KV connector ExampleConnector does not key KV by vLLM's block hashes"),
+        ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}},
+         "speculative decoding is not supported yet"),
+    ],
+)
+def test_features_the_plugin_cannot_steer_exactly_are_refused(tiny_llama, tiny_bank_path, engine_args, words):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match=words):
+        LLM(model=str(tiny_llama), additional_config={"emosteer": {"vectors": str(tiny_bank_path)}}, **engine_args)

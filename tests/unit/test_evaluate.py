@@ -54,3 +54,13 @@ def test_recommend_needs_both_scorers_and_coherence():
     # 0.3 is too disfluent, 0.45 repeats, 0.6 is off topic; on the all-layer band the scorers disagree
     assert recommend(EvalResult(rows), ["joy"]) == {"joy": {"value": 0.2, "band": [10, 19]}}
     assert recommend(EvalResult([base, row(0.45, 0.9, 0.9, 0.5, 0.4)]), ["joy"]) == {"joy": None}
+
+
+def test_eval_of_an_uncalibrated_file_says_why_it_has_no_steered_rows():
+    from vllm_emosteer.quality.evaluate import calibrated_rows
+
+    variants, why = calibrated_rows({}, ["joy", "fear"], 1.0, "mine.safetensors")
+    assert variants == [] and "mine.safetensors has no calibration" in why
+    assert "vllm-emosteer calibrate --vectors mine.safetensors" in why and "--doses" in why
+    variants, why = calibrated_rows({"joy": 0.3, "fear": 0.2}, ["joy", "fear"], 1.5, "mine.safetensors")
+    assert [v.label for v in variants] == ["joy 1.5", "fear 1.5"] and why is None

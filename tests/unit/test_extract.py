@@ -91,3 +91,41 @@ def test_select_pairs_keeps_answers_that_read_as_their_emotion():
     assert table["joy"]["emotional_kept"] == 1 and table["sadness"]["neutral_kept"] == 1
     with pytest.raises(ValueError, match="no usable contrast for joy"):
         select_pairs([sample("joy", "emotional", "The bus leaves at eight."), samples[4]], ["joy"])
+
+
+def test_select_pairs_can_leave_out_an_emotion_without_a_contrast():
+    from vllm_emosteer.extraction.extract import Sample, select_pairs
+
+    samples = [Sample("joy", "emotional", "q", [1], [2], text="The bus leaves at eight.", kept_for=("joy",)),
+               Sample("fear", "emotional", "q", [1], [2], kept_for=("fear",),
+                      text="I am so scared and terrified, my hands are shaking with fear."),
+               Sample(None, "neutral", "q", [1], [2], text="The report lists the opening hours of the library.",
+                      kept_for=("joy", "fear"))]
+    with pytest.raises(ValueError, match="no usable contrast for joy.*--skip-missing"):
+        select_pairs(samples, ["joy", "fear"])
+    table = select_pairs(samples, ["joy", "fear"], skip_missing=True)
+    assert table["joy"]["left_out"] and not table["fear"]["left_out"]
+    assert [s.kept_for for s in samples] == [(), ("fear",), ("fear",)]
+    with pytest.raises(ValueError, match="no usable contrast for any of"):
+        select_pairs(samples[:1] + samples[2:], ["joy"], skip_missing=True)
+
+
+def test_extract_skip_missing_writes_the_emotions_that_have_a_contrast(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    texts = {"scared": "I am so scared and terrified, my hands are shaking with fear.",
+             "disgusted": "The bus leaves at eight."}  # no disgust: the scorers never read it as disgust
+
+    def generate(prompts, max_new_tokens, eos):
+        decoded = [tokenizer.decode(p) for p in prompts]
+        answers = [next((t for word, t in texts.items() if word in d), "The report lists the opening hours.")
+                   for d in decoded]
+        return [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+
+    kwargs = dict(emotions=["fear", "disgust"], questions_per_emotion=2, max_new_tokens=4, generate=generate)
+    with pytest.raises(ValueError, match="no usable contrast for disgust"):
+        extract(model, tokenizer, **kwargs)
+    bank, samples = extract(model, tokenizer, skip_missing=True, **kwargs)
+    assert bank.emotions == ["fear"] and bank.vectors.shape[1] == 1
+    assert bank.recipe["left_out"] == ["disgust"] and bank.recipe["contrast"]["disgust"]["left_out"]
+    assert all("disgust" not in s.kept_for for s in samples)

@@ -5,6 +5,7 @@ engine does not steer) is refused with a SteeringError naming the field."""
 import math
 
 import pytest
+import torch
 
 from vllm_emosteer import SteeringError, steer
 from vllm_emosteer.engine.spec import SetLimits, SteeringLimits, has_steering_args, parse_steering
@@ -111,3 +112,37 @@ def test_layers_the_engine_does_not_steer_are_refused():
         with pytest.raises(SteeringError, match="it steers layers 20-29") as info:
             parse_steering(steer(joy=1.0, layers=layers), hooked)
         assert info.value.parameter == "emosteer.layers"
+
+
+@pytest.mark.parametrize("key, flat", [("positions", "steer_positions"), ("layers", "steer_layers"),
+                                       ("raw", "steer_raw"), ("set", "steer_set")])
+def test_nested_names_next_to_flat_fields_are_refused(key, flat):
+    message = f"unknown steering field {key!r}; the flat form spells it {flat!r}"
+    with pytest.raises(SteeringError, match=message) as info:
+        parse_steering({"emotion": "joy", "intensity": 1, key: "middle"}, LIMITS)
+    assert info.value.parameter == key
+    assert parse_steering({key: "middle"}, LIMITS) is None  # without steering fields it is another plugin's
+
+
+def test_a_layer_range_in_a_gap_of_the_set_is_refused():
+    gapped = SteeringLimits({"emotions": SetLimits(("joy", "fear"), hooked=(2, 3, 10, 11))}, num_layers=30,
+                            max_intensity=8.0, max_emotions=2)
+    assert parse_steering(steer(joy=1.0, layers=(3, 10)), gapped).layers == (3, 10)
+    for extra_args, parameter in ((steer(joy=1.0, layers=(4, 9)), "emosteer.layers"),
+                                  ({"emotion": "joy", "steer_layers": [5, 5]}, "steer_layers")):
+        with pytest.raises(SteeringError, match=r"no steered layer in .* it steers layers 2-3, 10-11") as info:
+            parse_steering(extra_args, gapped)
+        assert info.value.parameter == parameter
+
+
+def test_a_calibrated_band_in_a_gap_of_the_set_is_refused():
+    from vllm_emosteer.engine.sets import VectorSets
+    from vllm_emosteer.vectors.bank import BankError, EmotionBank
+
+    def sets(band):
+        bank = EmotionBank(torch.ones(4, 1, 8), ["joy"], "attn_out", [2, 3, 10, 11], bands={"joy": band})
+        return VectorSets({"emotions": (bank, "test")}, 1, 30, None, 8.0, 1, 1.0)
+
+    assert sets([3, 10]).layers == [2, 3, 10, 11]
+    with pytest.raises(BankError, match="no steered layer in layers 4-9"):
+        sets([4, 9])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..vectors.bank import BankError, EmotionBank
-from .spec import SetLimits, SteeringLimits, SteeringSpec, split_name
+from .spec import SetLimits, SteeringLimits, SteeringSpec, spans, split_name
 
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_SET = "emotions"  # the name of the set given as a single path
@@ -84,6 +84,9 @@ class VectorSets:
                 raise BankError(f"set {name!r}: the calibrated band of {emotion}, layers {first}-{last}, reaches "
                                 f"layers this engine does not steer (it steers {hooked[0]}-{hooked[-1]}: engine "
                                 "option layers and the vectors' layers)")
+            if not any(first <= layer <= last for layer in hooked):  # a gap in the set's layers
+                raise BankError(f"set {name!r}: no steered layer in layers {first}-{last}, the calibrated band of "
+                                f"{emotion} (it steers layers {spans(hooked)})")
 
     def free_block(self) -> int | None:
         used = {s.block for s in self.by_name.values()}

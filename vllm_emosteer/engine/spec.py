@@ -29,6 +29,7 @@ POSITION_MODES = ("response", "all")
 FLAT_KEYS = ("emotion", "intensity", "emotions", "intensities", "steer_positions", "steer_layers", "steer_raw",
              "steer_set")
 NESTED_KEYS = ("emotions", "positions", "layers", "raw", "set")
+FLAT_NAMES = {"positions": "steer_positions", "layers": "steer_layers", "raw": "steer_raw", "set": "steer_set"}
 FLAT_BOOLS = {1: True, 0: False, "true": True, "false": False}  # what steer_raw may be in the flat form
 
 
@@ -95,6 +96,13 @@ def first_steered_position(positions: str, num_prompt_tokens: int) -> int:
     """The first position a request's steering touches: the last prompt token in "response" mode, else 0. KV
     before it is the unsteered model's (engine core: prefix-cache keys; workers: which tokens get the offset)."""
     return 0 if positions == "all" else max(num_prompt_tokens - 1, 0)
+
+
+def spans(layers) -> str:
+    """Sorted layer indices as runs: "2-3, 10-11" for [2, 3, 10, 11]."""
+    starts = [layer for layer in layers if layer - 1 not in layers]
+    ends = [layer for layer in layers if layer + 1 not in layers]
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in zip(starts, ends))
 
 
 def _fail(message: str, parameter: str, value=None):
@@ -190,10 +198,13 @@ def _flat_parts(extra_args: dict):
 
 
 def _near_misses(extra_args: dict) -> list[str]:
-    """Keys that look like a steering field but are not one ("Emotion", "emotions ", "steer_layer")."""
+    """Keys that look like a steering field but are not one ("Emotion", "emotions ", "steer_layer"), and next to
+    flat steering fields the nested names ("positions": the flat form spells it "steer_positions")."""
     known = set(FLAT_KEYS) | {"emosteer"}
+    flat = any(key in extra_args for key in FLAT_KEYS)
     return [key for key in extra_args if isinstance(key, str) and key not in known
-            and (key.strip().lower() in known or key.strip().lower().startswith("steer_"))]
+            and (key.strip().lower() in known or key.strip().lower().startswith("steer_")
+                 or (flat and key.strip().lower() in FLAT_NAMES))]
 
 
 def has_steering_args(extra_args) -> bool:
@@ -210,8 +221,10 @@ def parse_steering(extra_args, limits: SteeringLimits) -> SteeringSpec | None:
         return None
     misses = _near_misses(extra_args)
     if misses:
-        _fail(f"unknown steering field {misses[0]!r}; the steering fields are {list(FLAT_KEYS)} "
-              "(or one nested 'emosteer' object)", misses[0], misses[0])
+        flat = FLAT_NAMES.get(misses[0].strip().lower())
+        hint = (f"the flat form spells it {flat!r}" if flat
+                else f"the steering fields are {list(FLAT_KEYS)} (or one nested 'emosteer' object)")
+        _fail(f"unknown steering field {misses[0]!r}; {hint}", misses[0], misses[0])
     if "emosteer" in extra_args:
         if any(key in extra_args for key in FLAT_KEYS):
             _fail("give either the nested 'emosteer' object or the flat keys, not both", "emosteer")
@@ -273,11 +286,14 @@ def parse_steering(extra_args, limits: SteeringLimits) -> SteeringSpec | None:
     if layers is not None:
         for owner in sorted({split_name(e, limits.default_set)[0] for e, _ in active}):
             hooked = limits.sets[owner].hooked
+            where = "" if owner == limits.default_set else f" for set {owner!r}"
             if hooked and not hooked[0] <= layers[0] <= layers[1] <= hooked[-1]:
-                where = "" if owner == limits.default_set else f" for set {owner!r}"
                 _fail(f"{names['layers']} {list(layers)} reaches layers this engine does not steer{where}; it "
                       f"steers layers {hooked[0]}-{hooked[-1]} (engine option layers and the vectors' layers)",
                       names["layers"], list(layers))
+            if hooked and not any(layers[0] <= layer <= layers[1] for layer in hooked):  # a gap in the set's layers
+                _fail(f"no steered layer in {names['layers']} {list(layers)}{where}: it steers layers "
+                      f"{spans(hooked)}", names["layers"], list(layers))
     for emotion, value in active:
         owner, plain = split_name(emotion, limits.default_set)
         set_limits = limits.sets[owner]

@@ -29,6 +29,7 @@ from importlib import resources
 import torch
 from tqdm.auto import tqdm
 
+from ..engine.worker.capture import MAX_FINISHED
 from ..model_layers import ATTENTION_NAMES, attention_module
 from ..emotions import EMOTIONAL_INSTRUCTION, EMOTIONS, describe
 from ..vectors.bank import EmotionBank, model_facts
@@ -257,11 +258,13 @@ def consistency(means: torch.Tensor, samples: list[Sample], concepts) -> dict[st
     return table
 
 
-def select_pairs(samples: list[Sample], emotions) -> dict[str, dict]:
+def select_pairs(samples: list[Sample], emotions, skip_missing: bool = False) -> dict[str, dict]:
     """Contrast recipe: keep emotional answers that read as their emotion (NADE or MiniLM ranks it first) and
     loop little; keep, for each emotion, the neutral answers that the two scorers do not both rank as it (the
     default model's plain answers are cheerful: NADE ranks 95% of them joy, so "neither" would leave three).
-    Returns the contrast table: per emotion, how emotional and how neutral the answers were, and what was kept."""
+    Returns the contrast table: per emotion, how emotional and how neutral the answers were, and what was kept.
+    An emotion with no kept emotional or no kept neutral answer stops it, or with `skip_missing` is left out
+    (its samples kept for nothing, `left_out` in its table row)."""
     from ..scores import distinct2, emotion_scores, prototype_scores, top_emotion
 
     texts = [s.text for s in samples]
@@ -289,9 +292,17 @@ def select_pairs(samples: list[Sample], emotions) -> dict[str, dict]:
                        / max(1, sum(samples[i].asked_in == role for i in emo)) for k in (0, 1)]
                 for role in sorted({samples[i].asked_in for i in emo})},
         }
-        if not table[emotion]["emotional_kept"] or not table[emotion]["neutral_kept"]:
+        table[emotion]["left_out"] = not table[emotion]["emotional_kept"] or not table[emotion]["neutral_kept"]
+        if table[emotion]["left_out"] and not skip_missing:
             raise ValueError(f"no usable contrast for {emotion}: no emotional answer reads as {emotion}, or no "
-                             "neutral answer is free of it; try more questions or another --emotion-template")
+                             "neutral answer is free of it; try more questions or another --emotion-template, or "
+                             "write the other emotions with --skip-missing")
+        if table[emotion]["left_out"]:
+            for sample in samples:
+                sample.kept_for = tuple(e for e in sample.kept_for if e != emotion)
+    if skip_missing and all(row["left_out"] for row in table.values()):
+        raise ValueError(f"no usable contrast for any of {list(emotions)}; try more questions or another "
+                         "--emotion-template")
     return table
 
 
@@ -313,11 +324,14 @@ def extract(
     pairs: list[Pair] | None = None,
     pairs_source: str | None = None,
     engine=None,
+    skip_missing: bool = False,
 ) -> tuple[EmotionBank, list[Sample]]:
     """The vectors of `emotions` by `recipe` (RECIPES); returns the bank and the samples (with the contrast
     table in `bank.recipe["contrast"]` for the contrast recipe when `filter_pairs`). `generate(prompts,
     max_new_tokens, eos_ids)` answers the prompts (default: transformers' generate on `model`). `engine`: a
-    `VllmExtractor` that answers and captures inside vLLM (then `model` may be None)."""
+    `VllmExtractor` that answers and captures inside vLLM (then `model` may be None). `skip_missing`: the
+    contrast filter leaves out the emotions without a usable contrast (`bank.recipe["left_out"]`) instead of
+    stopping."""
     if engine is not None:
         generate = engine.generate
     if pairs is not None:
@@ -355,8 +369,13 @@ def extract(
         for sample, answer in zip(to_answer, answers):
             sample.answer_ids = answer if answer else [tokenizer.eos_token_id]
             sample.text = tokenizer.decode(answer, skip_special_tokens=True).strip()
-        contrast = select_pairs(samples, emotions) if recipe == "contrast" and filter_pairs else None
+        contrast = select_pairs(samples, emotions, skip_missing) if recipe == "contrast" and filter_pairs else None
+        left_out = [e for e in emotions if contrast and contrast[e]["left_out"]]
+        emotions = [e for e in emotions if e not in left_out]
         samples = [s for s in samples if s.kept_for]  # answers the filter dropped are not captured
+        if engine is not None and len(samples) > MAX_FINISHED:
+            raise ValueError(f"{len(samples)} answers to capture, but capture mode keeps at most {MAX_FINISHED} "
+                             "until they are collected; use fewer questions or pairs, or --engine transformers")
         bar.total = bar.n + -(-len(samples) // batch_size)
         capture = engine.capture if engine is not None else functools.partial(mean_activations, model)
         means, typical_norms = capture(samples, hook, batch_size, bar)  # [N, L, H]
@@ -386,6 +405,8 @@ def extract(
     }
     if contrast is not None:
         details["contrast"] = contrast
+    if left_out:
+        details["left_out"] = left_out
     bank = EmotionBank(
         vectors=vectors,
         emotions=list(emotions),

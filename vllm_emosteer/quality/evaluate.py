@@ -93,6 +93,16 @@ def calibrated_variants(emotions, intensity: float = 1.0) -> list[Variant]:
     return [Variant(f"{e} {intensity:g}", steer(**{e: intensity}), (e,), intensity, "calibrated") for e in emotions]
 
 
+def calibrated_rows(calibration: dict, emotions, intensity: float, source) -> tuple[list[Variant], str | None]:
+    """eval's calibrated variants, or none and why: in an uncalibrated file an intensity has no agreed meaning
+    (intensity 1.0 would be a plain dose or alpha of 1.0, far past coherent for most models)."""
+    if calibration:
+        return calibrated_variants(emotions, intensity), None
+    return [], (f"{source} has no calibration, so there are no steered rows at --intensity: calibrate it first "
+                f"(vllm-emosteer calibrate --vectors {source}), or sweep plain doses or alphas "
+                "(e.g. --doses 0.1 0.2 0.4)")
+
+
 def prompt_variants(emotions) -> list[Variant]:
     """The baseline: no steering, the emotion asked for in the prompt."""
     # the prompting baseline: the emotion asked for in the user turn, in the extraction's own words

@@ -10,6 +10,9 @@ from ..vllm_internals import uses_cuda_graphs
 from ..capture_request import CAPTURE_KEY, CaptureError, parse_capture
 
 PLUGIN_NAME = "emosteer"  # the entry points' name, as VLLM_PLUGINS lists it
+# KV connectors that store and find KV by vLLM's block hashes, which carry the steering key (prefix_cache.py);
+# the others (e.g. the example connector, keyed by token ids) could hand steered KV to unsteered requests
+BLOCK_HASH_CONNECTORS = ("OffloadingConnector", "SimpleCPUOffloadConnector")
 
 
 def check_engine_features(config, options: EmosteerOptions) -> None:
@@ -22,6 +25,14 @@ def check_engine_features(config, options: EmosteerOptions) -> None:
         problems.append("prefill context parallelism splits tokens across ranks")
     if config.speculative_config is not None:
         problems.append("speculative decoding is not supported yet")
+    if getattr(getattr(config, "cache_config", None), "kv_sharing_fast_prefill", False):
+        problems.append("kv_sharing_fast_prefill runs the cross-decoder layers on one token per request, so offsets "
+                        "would land on other tokens")
+    connector = getattr(getattr(config, "kv_transfer_config", None), "kv_connector", None)
+    if connector and connector not in BLOCK_HASH_CONNECTORS:
+        problems.append(f"the KV connector {connector} does not key KV by vLLM's block hashes (which carry the "
+                        f"steering key), so it could hand steered KV to unsteered requests; these do: "
+                        f"{', '.join(BLOCK_HASH_CONNECTORS)}")
     if options.mode == "naive" and (config.compilation_config.mode != 0 or uses_cuda_graphs(config)):
         problems.append("mode 'naive' (a Python loop per request) needs enforce_eager=True (no compilation, "
                         "no CUDA graphs: a graph would freeze one step's loop)")

@@ -9,14 +9,24 @@ pipeline stages each answer for their own layers.
 
 Capture runs eagerly (no compilation, no CUDA graphs) and without prefix caching: a cached token is never
 computed, so it could not be captured. The engine refuses to start otherwise.
+
+Finished captures wait for `take_captures`; at most MAX_FINISHED of them: beyond that the oldest are dropped,
+counted and logged, so captures nobody collects cannot grow without bound.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 
 from ..capture_request import parse_capture
+
+logger = logging.getLogger("vllm.emosteer")
+# finished captures kept until taken: extraction takes all of its samples at once, 1,100 at most for the bundled
+# recipes (a pairs file gives two per pair)
+MAX_FINISHED = 10_000
 
 
 class Capture:
@@ -32,7 +42,8 @@ class Capture:
         self.norms: dict[int, list[dict[int, torch.Tensor]]] = {}  # pool row -> per step, per row: token norms
         # this step's token index and pool row per summed token, and per pool row the indices of its normed tokens
         self.step: tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor]]] | None = None
-        self.done: dict[str, dict] = {}
+        self.done: dict[str, dict] = {}  # by key, oldest first
+        self.dropped = 0  # finished captures dropped unread (MAX_FINISHED)
 
     def _admit(self, req_id: str, request) -> None:
         spec = parse_capture(getattr(getattr(request, "sampling_params", None), "extra_args", None))
@@ -95,10 +106,18 @@ class Capture:
             slot, key = entry[0], entry[1]
             norms = {row: torch.cat([step[row] for step in self.norms[slot] if row in step] or [torch.zeros(0)])
                      for row in self.local_rows}
+            self.done.pop(key, None)  # a key given again counts as the newest
             self.done[key] = {"sums": self.pool[slot, self.local_rows].cpu(), "count": self.counts.pop(slot),
                               "norms": norms}
             self.norms.pop(slot)
             self.free.append(slot)
+        excess = len(self.done) - MAX_FINISHED
+        if excess > 0:
+            for key in list(self.done)[:excess]:
+                del self.done[key]
+            self.dropped += excess
+            logger.warning("emosteer: capture mode dropped %d finished capture(s) nobody took (the oldest; it keeps "
+                           "at most %d until take_captures); %d dropped so far", excess, MAX_FINISHED, self.dropped)
 
     def take(self) -> dict[str, dict]:
         done, self.done = self.done, {}
