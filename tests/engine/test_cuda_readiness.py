@@ -148,8 +148,11 @@ def test_device_tensors_are_model_buffers_and_never_reallocated(tiny_llama, tiny
 
 # ---- the eager host plan against the op ---------------------------------------------------------------------
 @pytest.fixture
-def runtime():
+def runtime(monkeypatch):
+    from vllm_emosteer.engine.worker import ops
     from vllm_emosteer.vectors.bank import EmotionBank
+
+    monkeypatch.setattr(ops, "INTERPRETED", False)  # the CPU's own path (host plan), also in a Triton-interpreter session
     from vllm_emosteer.engine.options import EmosteerOptions
     from vllm_emosteer.engine.worker.runtime import SteeringRuntime
     from vllm_emosteer.engine.sets import VectorSets

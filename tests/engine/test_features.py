@@ -3,6 +3,7 @@ tests): n > 1 parallel sampling steers every child, reproducibly; structured out
 steering; prompt logprobs of a steered request are the same with the prefix cache warm or cold."""
 
 import pytest
+from conftest import RUNNER
 from engine_helpers import prompt, tiny_llm
 from vllm import SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
@@ -30,6 +31,8 @@ def test_parallel_sampling_steers_every_child_reproducibly(llm):
     assert len(steered) == 3 and all(s != p for s, p in zip(steered, plain))  # each child steered
 
 
+@pytest.mark.skipif(RUNNER == "v2", reason="vLLM's grammar-bitmask kernel does not run under Triton's interpreter "
+                                           "(ValueError: mask has unsupported dtype), steered or not")
 def test_structured_output_holds_under_steering(llm):
     choices = ["happy", "sad", "angry"]
     params = [SamplingParams(max_tokens=8, temperature=0, extra_args=extra,
