@@ -31,8 +31,6 @@ def test_parallel_sampling_steers_every_child_reproducibly(llm):
     assert len(steered) == 3 and all(s != p for s, p in zip(steered, plain))  # each child steered
 
 
-@pytest.mark.skipif(RUNNER == "v2", reason="vLLM's grammar-bitmask kernel does not run under Triton's interpreter "
-                                           "(ValueError: mask has unsupported dtype), steered or not")
 def test_structured_output_holds_under_steering(llm):
     choices = ["happy", "sad", "angry"]
     params = [SamplingParams(max_tokens=8, temperature=0, extra_args=extra,

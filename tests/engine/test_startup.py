@@ -96,18 +96,37 @@ def test_the_http_routes_are_loaded_without_dropping_other_plugins():
     assert not routes_allowed(None) and not routes_allowed("") and not routes_allowed("emosteer2")
 
 
+NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
+
+
+def test_speculative_decoding_whose_rows_only_the_gpu_knows_is_refused():
+    """Adaptive verification (vLLM: dspark on Model Runner V2, which this machine cannot run) moves draft tokens
+    between requests on the GPU: the host's rows would steer the wrong tokens. vLLM refuses it on V1 itself."""
+    from types import SimpleNamespace
+
+    from vllm_emosteer.engine.frontend.validation import speculative_problems
+
+    plain = SimpleNamespace(capture=None)
+    assert speculative_problems(None, plain) == []
+    assert speculative_problems(SimpleNamespace(method="ngram"), plain) == []
+    [problem] = speculative_problems(SimpleNamespace(method="dspark", enable_adaptive_verification=True), plain)
+    assert "adaptive verification" in problem
+
+
 @pytest.mark.parametrize(
     "engine_args, words",
     [
         ({"kv_sharing_fast_prefill": True}, "kv_sharing_fast_prefill runs the cross-decoder layers on one token"),
         ({"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
          "the KV connector ExampleConnector does not key KV by vLLM's block hashes"),
-        ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}},
-         "speculative decoding is not supported yet"),
+        ({"speculative_config": NGRAM, "enforce_eager": True, "enable_prefix_caching": False,
+          "emosteer": {"capture": "attn_out"}}, "capture mode cannot run with speculative decoding"),
     ],
 )
 def test_features_the_plugin_cannot_steer_exactly_are_refused(tiny_llama, tiny_bank_path, engine_args, words):
     from vllm import LLM
 
+    engine_args = dict(engine_args)
+    options = dict({"vectors": str(tiny_bank_path)}, **engine_args.pop("emosteer", {}))
     with pytest.raises(ValueError, match=words):
-        LLM(model=str(tiny_llama), additional_config={"emosteer": {"vectors": str(tiny_bank_path)}}, **engine_args)
+        LLM(model=str(tiny_llama), additional_config={"emosteer": options}, **engine_args)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -62,6 +63,30 @@ def test_triton_kernel_in_interpreter():
     result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, TRITON_INTERPRET="1"))
     assert "KERNEL-OK" in result.stdout, result.stderr[-3000:]
+
+
+HARDWARE_ROUNDING_CHECK = textwrap.dedent("""
+    import torch
+    from vllm_emosteer.kernels.steer_add import steer_add_triton
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(64, 96, generator=g) * 4).to(torch.bfloat16)
+    rows = torch.zeros(64, dtype=torch.int32)
+    coeff, bank = torch.ones(1, 1, 1), torch.randn(1, 1, 96, generator=g)  # one term: the fp32 sum is exact
+    expected = (x.float() + bank[0, 0]).to(torch.bfloat16)  # torch rounds to nearest even, as GPUs do
+    steer_add_triton(x, rows, coeff, bank, 0)
+    print("ROUNDING-OK" if torch.equal(x, expected) else f"{(x != expected).sum().item()} elements differ")
+""")
+
+
+def test_the_test_harness_rounds_bfloat16_as_hardware_does():
+    """tests/triton_cpu (the Model Runner V2 harness): Triton's interpreter alone truncates float32 to bfloat16; with
+    the harness the kernel's bf16 result is the hardware's, bit for bit (the bf16 engine tests compare exactly)."""
+    pytest.importorskip("triton")
+    harness = str(Path(__file__).parents[1] / "triton_cpu")
+    result = subprocess.run([sys.executable, "-c", HARDWARE_ROUNDING_CHECK], capture_output=True, text=True,
+                            timeout=600, env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=harness))
+    assert "ROUNDING-OK" in result.stdout, result.stdout[-500:] + result.stderr[-3000:]
 
 
 def test_op_matches_float64_reference_on_cpu():

@@ -46,6 +46,10 @@ def checked_engine_config(config):
     raw = dict(config.additional_config[CONFIG_KEY] or {}, **{DIGEST_KEY: options.config_digest})
     config.additional_config = dict(config.additional_config, **{CONFIG_KEY: raw})
     logger.info("emosteer: steering enabled: %s; %s", options.describe(), version_status()[1])
+    if config.speculative_config is not None:
+        logger.info("emosteer: speculative decoding (%s): every token the target verifies is steered as it would be "
+                    "without speculation; the drafter is not steered (only the acceptance rate can change)",
+                    config.speculative_config.method)
     if under_vllm_cli() and not routes_allowed(os.environ.get("VLLM_PLUGINS")):
         logger.warning("emosteer: steering is on, but its HTTP routes (/v1/emosteer, vector sets, the playground) "
                        "are not loaded: vLLM loads endpoint plugins only when VLLM_PLUGINS names them; add emosteer "

@@ -23,8 +23,7 @@ def check_engine_features(config, options: EmosteerOptions) -> None:
         problems.append("dual-batch overlap (--enable-dbo) splits the batch into micro-batches")
     if getattr(parallel, "prefill_context_parallel_size", 1) > 1:
         problems.append("prefill context parallelism splits tokens across ranks")
-    if config.speculative_config is not None:
-        problems.append("speculative decoding is not supported yet")
+    problems += speculative_problems(config.speculative_config, options)
     if getattr(getattr(config, "cache_config", None), "kv_sharing_fast_prefill", False):
         problems.append("kv_sharing_fast_prefill runs the cross-decoder layers on one token per request, so offsets "
                         "would land on other tokens")
@@ -44,6 +43,22 @@ def check_engine_features(config, options: EmosteerOptions) -> None:
                             "so it could not be captured)")
     if problems:
         raise EmosteerConfigError("emosteer cannot steer this engine: " + "; ".join(problems))
+
+
+def speculative_problems(speculative, options: EmosteerOptions) -> list[str]:
+    """Speculative decoding is steered exactly: the target verifies every draft token at its own position, each
+    steered as that position is without speculation (positions decide only where steering starts, inside the prompt,
+    and drafts come after it), and a rejected draft leaves no per-request state behind. The drafter is not steered:
+    it proposes, the steered target decides, so only the acceptance rate can change. Refused where that fails."""
+    if speculative is None:
+        return []
+    problems = []
+    if getattr(speculative, "enable_adaptive_verification", False):
+        problems.append("speculative decoding with adaptive verification sizes each request's drafts on the GPU, "
+                        "so the host cannot tell which tokens belong to which request")
+    if options.capture is not None:
+        problems.append("capture mode cannot run with speculative decoding (rejected drafts would be captured)")
+    return problems
 
 
 def listed_plugins(vllm_plugins: str) -> list[str]:
