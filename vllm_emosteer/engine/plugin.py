@@ -1,7 +1,7 @@
 """The vLLM general plugin: `register()` runs in every vLLM process (front-end, engine core, workers, Ray actors).
 
 It wraps vLLM methods (vllm_internals.py names every one) for the front-end (frontend/patches.py), the engine
-core (prefix_cache.py) and the workers (worker/patches.py). Each wrapper does nothing unless the engine's
+core (admission.py, prefix_cache.py) and the workers (worker/patches.py). Each wrapper does nothing unless the engine's
 `additional_config` has an "emosteer" entry, so installing the package changes nothing by itself.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from . import prefix_cache
+from . import admission, prefix_cache
 from .frontend import patches as frontend_patches
 from .vllm_internals import version_status
 from .worker import patches as worker_patches
@@ -25,6 +25,6 @@ def install() -> None:
     known, status = version_status()
     if not known:
         logger.warning("emosteer: %s", status)
-    patched = frontend_patches.install() + prefix_cache.install() + worker_patches.install()
+    patched = frontend_patches.install() + admission.install() + prefix_cache.install() + worker_patches.install()
     _installed = True
     logger.debug("emosteer: wrapped %s", ", ".join(patched))

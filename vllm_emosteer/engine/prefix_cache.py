@@ -11,8 +11,14 @@ steered request's KV is the unsteered model's before its first steered position 
 
 The front-end computes the key (it knows the sets' digests) and sends it inside the request's extra_args under
 CACHE_KEY; a client may not send that key (refused at validation), and the user's own cache_salt is left as it
-is, so no client-chosen value can ever produce a steering key. The engine core turns it into block keys by
-wrapping vLLM's `generate_block_hash_extra_keys` (vllm_internals.py names where it lives: BLOCK_KEY_MODULES).
+is, so no client-chosen value can ever produce a steering key. The engine core checks it (admission.py) and turns
+it into block keys by wrapping vLLM's `generate_block_hash_extra_keys` (vllm_internals.py names where it lives:
+BLOCK_KEY_MODULES).
+
+KV-cache events (for KV-aware routers) publish each block's extra keys. vLLM publishes them untagged (a bare
+string reads as a cache salt); the steering key is published whole, as the tuple that enters the block hash,
+`("emosteer", key, position)`, last in the block's entry, so a router can hash a steered block as vLLM does
+(wrapping `to_event_extra_keys`: EVENT_KEY_MODULES).
 
 A chat whose history holds a steered answer: the next turn's prompt (history + answer + question) is steered
 from its own last token, so its history is read unsteered, cold or warm alike; it reuses the cache of the
@@ -25,9 +31,10 @@ import functools
 import importlib
 
 from .spec import SteeringSpec, first_steered_position
-from .vllm_internals import BLOCK_KEY_MODULES, WRAPPED
+from .vllm_internals import BLOCK_KEY_MODULES, EVENT_KEY_MODULES, WRAPPED
 
 CACHE_KEY = "_emosteer_cache"  # in extra_args: [key, positions]; set by the front-end only
+TAG = "emosteer"  # the first element of a steering block key
 
 
 def cache_entry(set_digests: str, spec: SteeringSpec) -> list:
@@ -43,7 +50,7 @@ def steering_block_key(request, end_token_idx: int) -> tuple | None:
         return None
     key, positions = entry
     first = first_steered_position(positions, request.num_prompt_tokens)
-    return ("emosteer", key, first) if end_token_idx > first else None
+    return (TAG, key, first) if end_token_idx > first else None
 
 
 def with_steering_keys(original):
@@ -61,20 +68,52 @@ def with_steering_keys(original):
     return generate_block_hash_extra_keys
 
 
-def install() -> list[str]:
-    """Engine core: the steering key in the block hashes, wrapped in every module that took vLLM's function by
-    name, so that hashes and KV events agree."""
+def is_steering_key(key) -> bool:
+    return isinstance(key, tuple) and len(key) == 3 and key[0] == TAG
+
+
+def with_published_steering_keys(original):
+    """vLLM's KV-event form of the extra keys, with each block's steering key published whole (last, as hashed)."""
+
+    @functools.wraps(original)
+    def to_event_extra_keys(extra_keys, *args, **kwargs):
+        if not extra_keys:
+            return original(extra_keys, *args, **kwargs)
+        extra_keys = list(extra_keys)
+        others = [None if keys is None else tuple(k for k in keys if not is_steering_key(k)) or None
+                  for keys in extra_keys]
+        published = original(others, *args, **kwargs) or [None] * len(extra_keys)
+        entries = []
+        for keys, entry in zip(extra_keys, published):
+            steering = tuple(k for k in keys or () if is_steering_key(k))
+            entries.append((*(entry or ()), *steering) if steering else entry)
+        return entries
+
+    setattr(to_event_extra_keys, WRAPPED, True)
+    return to_event_extra_keys
+
+
+def _wrap_by_name(modules: tuple[str, ...], name: str, make) -> list[str]:
+    """Wrap a vLLM function where it is defined (modules[0], which must exist) and in every module that imported it
+    by name."""
     patched = []
-    for name in BLOCK_KEY_MODULES:
+    for module_name in modules:
         try:
-            module = importlib.import_module(name)
+            module = importlib.import_module(module_name)
         except ImportError:
-            if name == BLOCK_KEY_MODULES[0]:  # where the hashes are made: without it, refuse to run
+            if module_name == modules[0]:
                 raise
             continue
-        function = getattr(module, "generate_block_hash_extra_keys", None)
+        function = getattr(module, name, None)
         if function is not None:
             if not getattr(function, WRAPPED, False):
-                module.generate_block_hash_extra_keys = with_steering_keys(function)
-            patched.append(f"{name}.generate_block_hash_extra_keys")
+                setattr(module, name, make(function))
+            patched.append(f"{module_name}.{name}")
     return patched
+
+
+def install() -> list[str]:
+    """Engine core: the steering key in the block hashes, and published whole in KV events; wrapped in every module
+    that took vLLM's function by name, so that hashes and KV events agree."""
+    return (_wrap_by_name(BLOCK_KEY_MODULES, "generate_block_hash_extra_keys", with_steering_keys)
+            + _wrap_by_name(EVENT_KEY_MODULES, "to_event_extra_keys", with_published_steering_keys))

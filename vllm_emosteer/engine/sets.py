@@ -5,12 +5,14 @@ hooked at start (the union of the start sets' layers). It is allocated once, so 
 never see a new tensor; loading a set at run time writes its block in place, unloading zeroes it. A set loaded
 later must use the same hook point, fit in a block and cover only hooked layers.
 
-Every process keeps its own registry (the front-end validates requests against it, each worker scatters
-coefficients with it); `frontend/set_changes.py` changes them together.
+Every process keeps its own registry (the front-end validates requests against it, the engine core checks each
+request's prefix-cache key with it, each worker scatters coefficients with it); `frontend/set_changes.py` changes
+them together, through one collective RPC whose arguments (`update_args`) the engine core reads on the way.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -18,6 +20,24 @@ import torch
 
 from ..vectors.bank import BankError, EmotionBank
 from .spec import SetLimits, SteeringLimits, SteeringSpec, spans, split_name
+
+def update_args(name: str, bank: EmotionBank | None, source: str = "") -> tuple:
+    """The set-update RPC's arguments: plain bytes and JSON (vLLM's RPC encoder does not round-trip tensors nested
+    in the args tuple); bank None unloads the set."""
+    if bank is None:
+        return (name, None, None, "")
+    return (name, bank.vectors.numpy().tobytes(), json.dumps(bank.metadata()), source)
+
+
+def bank_of_update(vectors: bytes | None, metadata: str | None, source: str) -> EmotionBank | None:
+    """The bank a set-update RPC carries (None: an unload)."""
+    if vectors is None:
+        return None
+    meta = json.loads(metadata)
+    shape = (len(meta["layers"]), len(meta["emotions"]), -1)
+    return EmotionBank.from_parts(torch.frombuffer(bytearray(vectors), dtype=torch.float32).reshape(shape), meta,
+                                  source)
+
 
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_SET = "emotions"  # the name of the set given as a single path

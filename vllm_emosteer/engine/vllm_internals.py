@@ -26,6 +26,7 @@ CHECKED_VERSIONS = ("0.33", "0.34")
 UPDATE_SET_RPC = "emosteer_update_set"  # WorkerBase method: load or unload a vector set (worker/rpc.py)
 TAKE_CAPTURES_RPC = "emosteer_take_captures"  # WorkerBase method: finished captures (worker/rpc.py)
 BLOCK_KEY_MODULES = ("vllm.v1.core.kv_cache_utils", "vllm.v1.core.block_pool", "vllm.v1.simple_kv_offload.manager")
+EVENT_KEY_MODULES = (*BLOCK_KEY_MODULES, "vllm.distributed.kv_transfer.kv_connector.v1.offloading.events")
 RUNTIME_ATTR = "_emosteer"  # the model runner's steering runtime
 WRAPPED = "_emosteer_wrapped"
 
@@ -92,6 +93,13 @@ INTERNALS = (
     Internal("vllm.v1.engine.async_llm", "AsyncLLM.collective_rpc", "method", ("method",), ("args",), used_by=_SETS),
     Internal("vllm.exceptions", "VLLMValidationError", "class", used_by="spec.py"),
     Internal("vllm.entrypoints.cli.main", "main", "function", used_by="under_vllm_cli, serving/serve.py"),
+    # engine core
+    Internal("vllm.v1.engine.core", "EngineCore", "class", attrs=("scheduler", "vllm_config"), used_by="admission.py"),
+    Internal("vllm.v1.engine.core", "EngineCore.preprocess_add_request", "method", ("request",),
+             used_by="admission.py"),
+    Internal("vllm.v1.engine.core", "EngineCore.collective_rpc", "method", ("method", "timeout", "args", "kwargs"),
+             used_by="admission.py"),
+    Internal("vllm.v1.core.sched.scheduler", "Scheduler", "class", attrs=("requests",), used_by="admission.py"),
     # configuration
     Internal("vllm.config.vllm", "VllmConfig", "class", attrs=("additional_config", "model_config", "parallel_config",
              "compilation_config", "cache_config", "speculative_config"), used_by=_CHECKS),
@@ -108,6 +116,10 @@ INTERNALS = (
              importers=BLOCK_KEY_MODULES, used_by="prefix_cache.py"),
     *(Internal(module, _KEYS, "function", _KEYS_PARAMS, returns=_KEYS_RETURN, optional=True, used_by="prefix_cache.py")
       for module in BLOCK_KEY_MODULES[1:]),
+    Internal(EVENT_KEY_MODULES[0], "to_event_extra_keys", "function", ("extra_keys",),
+             importers=EVENT_KEY_MODULES, used_by="prefix_cache.py"),
+    *(Internal(module, "to_event_extra_keys", "function", ("extra_keys",), optional=True, used_by="prefix_cache.py")
+      for module in EVENT_KEY_MODULES[1:]),
     Internal("vllm.v1.request", "Request", "class", attrs=("sampling_params", "num_prompt_tokens"),
              used_by="prefix_cache.py"),
     # workers, the V1 model runner (absent from vLLM 0.34 on)

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from ...vectors.bank import BankError, EmotionBank
 from .. import metrics
 from ..options import EmosteerOptions
-from ..sets import VectorSets, check_set_name
+from ..sets import VectorSets, check_set_name, update_args
 from ..vllm_internals import UPDATE_SET_RPC, api_server_count
 from .usage import usage
 
@@ -164,13 +163,6 @@ class FrontEnd:
         return None if bank is None else next(s for s in self.sets.describe() if s["name"] == name)
 
 
-def rpc_args(name: str, bank: EmotionBank | None, source: str = "") -> tuple:
-    """Plain bytes and JSON: vLLM's RPC encoder does not round-trip tensors nested in the args tuple."""
-    if bank is None:
-        return (name, None, None, "")
-    return (name, bank.vectors.numpy().tobytes(), json.dumps(bank.metadata()), source)
-
-
 def front_end_of(engine) -> FrontEnd:
     """`engine`: an `LLM`, an `LLMEngine` or an `AsyncLLM` (vLLM's engine client in `vllm serve`)."""
     from ..options import frontend_options, is_enabled
@@ -190,7 +182,7 @@ def load_set(llm, name: str, file: str, replace: bool = False) -> dict:
     bank, source = front.begin_load(name, file, replace)
     action = "replace" if replace else "load"
     with front.changing(name, action):
-        llm.collective_rpc(UPDATE_SET_RPC, args=rpc_args(name, bank, source))
+        llm.collective_rpc(UPDATE_SET_RPC, args=update_args(name, bank, source))
     return front.commit(name, action, bank, source)
 
 
@@ -199,7 +191,7 @@ def unload_set(llm, name: str) -> None:
     front = front_end_of(llm)
     front.begin_unload(name)
     with front.changing(name, "unload"):
-        llm.collective_rpc(UPDATE_SET_RPC, args=rpc_args(name, None))
+        llm.collective_rpc(UPDATE_SET_RPC, args=update_args(name, None))
     front.commit(name, "unload")
 
 
@@ -209,7 +201,7 @@ async def load_set_async(engine_client, name: str, file: str, replace: bool = Fa
     bank, source = await asyncio.to_thread(front.begin_load, name, file, replace)
     action = "replace" if replace else "load"
     with front.changing(name, action):
-        await engine_client.collective_rpc(UPDATE_SET_RPC, args=rpc_args(name, bank, source))
+        await engine_client.collective_rpc(UPDATE_SET_RPC, args=update_args(name, bank, source))
     return front.commit(name, action, bank, source)
 
 
@@ -217,5 +209,5 @@ async def unload_set_async(engine_client, name: str) -> None:
     front = front_end_of(engine_client)
     front.begin_unload(name)
     with front.changing(name, "unload"):
-        await engine_client.collective_rpc(UPDATE_SET_RPC, args=rpc_args(name, None))
+        await engine_client.collective_rpc(UPDATE_SET_RPC, args=update_args(name, None))
     front.commit(name, "unload")

@@ -3,6 +3,8 @@ anything is scheduled). SteeringError is a ValueError for `LLM` and an HTTP 400 
 
 from __future__ import annotations
 
+import os
+
 from ..options import EmosteerConfigError, EmosteerOptions, frontend_options, is_enabled
 from ..prefix_cache import CACHE_KEY
 from ..spec import SteeringError, SteeringSpec, has_steering_args, parse_steering
@@ -24,6 +26,9 @@ def check_engine_features(config, options: EmosteerOptions) -> None:
     if getattr(parallel, "prefill_context_parallel_size", 1) > 1:
         problems.append("prefill context parallelism splits tokens across ranks")
     problems += speculative_problems(config.speculative_config, options)
+    if os.environ.get("VLLM_USE_RUST_FRONTEND", "0").lower() in ("1", "true"):
+        problems.append("the Rust front-end (VLLM_USE_RUST_FRONTEND) does not run the plugin's request checks, so the "
+                        "engine core would refuse every steered request")
     if getattr(getattr(config, "cache_config", None), "kv_sharing_fast_prefill", False):
         problems.append("kv_sharing_fast_prefill runs the cross-decoder layers on one token per request, so offsets "
                         "would land on other tokens")

@@ -3,11 +3,7 @@ results are bytes and JSON: vLLM's RPC encoder does not round-trip tensors neste
 
 from __future__ import annotations
 
-import json
-
-import torch
-
-from ...vectors.bank import EmotionBank
+from ..sets import bank_of_update
 from ..vllm_internals import runtime_of
 
 
@@ -16,12 +12,7 @@ def update_set_on_worker(worker, name: str, vectors, metadata: str | None, sourc
     runtime = runtime_of(worker)
     if runtime is None:
         raise RuntimeError("emosteer: this worker has no steering runtime")
-    bank = None
-    if vectors is not None:
-        meta = json.loads(metadata)
-        shape = (len(meta["layers"]), len(meta["emotions"]), -1)
-        tensor = torch.frombuffer(bytearray(vectors), dtype=torch.float32).reshape(shape)
-        bank = EmotionBank.from_parts(tensor, meta, source)
+    bank = bank_of_update(vectors, metadata, source)
     return runtime.update_set(name, bank, source)
 
 

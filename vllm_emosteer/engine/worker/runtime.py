@@ -29,7 +29,8 @@ from ...vectors.bank import EmotionBank
 from .capture import Capture
 from .ops import kernel_runs_on, steer_add_eager
 from ..options import EmosteerOptions
-from ..spec import SteeringSpec, first_steered_position, parse_steering
+from ..prefix_cache import CACHE_KEY, cache_entry
+from ..spec import SteeringError, SteeringSpec, first_steered_position, parse_steering
 
 logger = logging.getLogger("vllm.emosteer")  # a child of "vllm": vLLM's log handlers and level apply
 UNSTEERED = -1
@@ -109,15 +110,23 @@ class SteeringRuntime:
                 self.free_slots.append(slot)
 
     def _coefficients_of(self, req_id: str, request) -> tuple[SteeringSpec, np.ndarray] | None:
-        """The request's spec and its coefficients; None when unsteered. The front-end validated the spec: if it
-        fails here anyway, the request is left unsteered with an error in the log, and the worker keeps running."""
-        params = getattr(request, "sampling_params", None)
+        """The request's spec and its coefficients; None when unsteered. The engine core admitted only requests whose
+        prefix-cache key is the one their steering gives (admission.py); this worker checks it again under its own
+        sets. Should that ever fail, the engine stops (RuntimeError): steering a request other than its key says would
+        serve wrong KV to later requests, and leaving it unsteered would too."""
+        extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
         try:
-            spec = parse_steering(getattr(params, "extra_args", None), self.options.limits)
-            return None if spec is None else (spec, self.options.sets.coefficients(spec).numpy())
-        except Exception as exc:  # noqa: BLE001  nothing a request holds may raise inside the worker
-            logger.error("emosteer: request %s left UNSTEERED: its steering failed in the worker: %s", req_id, exc)
-            return None
+            spec = parse_steering(extra, self.options.limits)
+            stamp = extra.get(CACHE_KEY) if isinstance(extra, dict) else None
+            if spec is None and stamp is None:
+                return None
+            if spec is None or stamp is None or list(stamp) != cache_entry(self.options.sets.digests_of(spec), spec):
+                raise SteeringError(f"its {CACHE_KEY!r} does not match its steering under this worker's sets",
+                                    CACHE_KEY)
+            return spec, self.options.sets.coefficients(spec).numpy()
+        except Exception as exc:  # noqa: BLE001
+            raise RuntimeError(f"emosteer: request {req_id} cannot be steered as the engine core admitted it: {exc}; "
+                               "stopping rather than steering it otherwise") from exc
 
     def _admit(self, req_id: str, request, scheduled: set[str]) -> None:
         steering = self._coefficients_of(req_id, request)
