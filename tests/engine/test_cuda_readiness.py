@@ -167,6 +167,14 @@ def runtime(monkeypatch):
     return rt
 
 
+def admitted(runtime, extra):
+    """A request's extra_args as the engine core admits them: with the key the front-end gives (admission.py)."""
+    from vllm_emosteer.engine.admission import expected_stamp
+    from vllm_emosteer.engine.prefix_cache import CACHE_KEY
+
+    return None if extra is None else {**extra, CACHE_KEY: expected_stamp(runtime.options, extra)}
+
+
 JOY, MIX, SAD_LATE, FEAR_ALL = (steer(joy=1.5), steer(anger=0.7, fear=-1.2), steer(sadness=2.0, layers=(2, 3)),
                                 steer(fear=0.9, positions="all"))
 
@@ -188,8 +196,8 @@ def test_host_plan_equals_the_op(runtime, dtype, specs, prompts, tokens, compute
     from vllm_emosteer.engine.worker.ops import steer_add_torch
 
     req_ids = [f"r{i}" for i in range(len(specs))]
-    requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=spec), num_prompt_tokens=n)
-                for r, spec, n in zip(req_ids, specs, prompts)}
+    requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=admitted(runtime, spec)),
+                                   num_prompt_tokens=n) for r, spec, n in zip(req_ids, specs, prompts)}
     tokens, computed = np.array(tokens), np.array(computed)
     runtime.prepare(req_ids, requests, tokens, computed)
     total = int(tokens.sum())
@@ -220,8 +228,8 @@ def test_uploads_rotate_host_buffers_and_write_the_device_tensors_in_place(runti
     runtime.row_of_token.gpu, runtime.coeff.gpu = rows, coeff
     runtime.uploads = {"rows": UvaBufferPool(rows.shape[0], torch.int32, 2),
                        "coeff": UvaBufferPool(tuple(coeff.shape), torch.float32, 2)}
-    requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=spec), num_prompt_tokens=4)
-                for r, spec in (("a", JOY), ("b", None), ("c", FEAR_ALL))}
+    requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=admitted(runtime, spec)),
+                                   num_prompt_tokens=4) for r, spec in (("a", JOY), ("b", None), ("c", FEAR_ALL))}
     hosts, seen = [], []
     for step, tokens in enumerate(([4, 4, 4], [1, 1, 1], [1, 1, 1])):
         runtime.prepare(["a", "b", "c"], requests, np.array(tokens), np.array([0, 0, 0]) + 4 * (step > 0) + step)
@@ -234,3 +242,15 @@ def test_uploads_rotate_host_buffers_and_write_the_device_tensors_in_place(runti
     assert torch.equal(coeff, runtime.coeff.cpu) and coeff.abs().sum() > 0
     assert seen[0] == [-1, -1, -1, 0, -1, -1, -1, -1, 1, 1, 1, 1]  # prefill: a's last prompt token, all of c
     assert seen[2] == [0, -1, 1] + [-1] * 9  # decode: the prefill's rows are cleared
+
+
+def test_a_worker_never_steers_a_request_otherwise_than_it_is_keyed(runtime):
+    """The worker's half of admission.py: steering fields without the key, or with another request's key, stop the
+    step (the engine core admits neither, so this is the last line, not a path)."""
+    from vllm_emosteer.engine.prefix_cache import CACHE_KEY
+
+    for extra in (JOY, {**JOY, CACHE_KEY: admitted(runtime, MIX)[CACHE_KEY]}):
+        requests = {"r": SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), num_prompt_tokens=4)}
+        with pytest.raises(RuntimeError, match="cannot be steered as the engine core admitted it"):
+            runtime.prepare(["r"], requests, np.array([4]), np.array([0]))
+        runtime.forget(["r"])

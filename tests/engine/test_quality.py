@@ -3,10 +3,17 @@ steering toward an emotion raises that emotion under both scorers, and the metri
 perplexity, repetition)."""
 
 import pytest
+from conftest import RUNNER
 from engine_helpers import shutdown
 
 from vllm_emosteer import steer
 from vllm_emosteer.quality.evaluate import Variant, evaluate, neutral_prompts
+
+# The default model sampling hundreds of answers through Triton's interpreter (vLLM's sampling kernel, about 0.2 s
+# per request and step) does not finish in 15 minutes on the 2-core machine; the runner makes no difference to what
+# this file measures, which the exactness tests hold on both runners (docs/testing.md).
+pytestmark = pytest.mark.skipif(RUNNER == "v2", reason="sampling hundreds of answers through Triton's interpreter "
+                                                       "is too slow on 2 cores; see docs/testing.md")
 
 
 # the user-concept scorer (eval --prototypes), here with sadness as if it were a concept of the user's
