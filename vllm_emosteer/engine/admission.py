@@ -10,8 +10,9 @@ missing, forged or made under other sets. The workers steer those same fields un
 stamp once more (runtime.py), so what is steered is what is keyed.
 
 The engine core's copy of the sets follows every runtime change, read from the set-update RPC as it passes through
-(it is the one process every change goes through), and a change is refused while a request in the scheduler uses
-the set: requests that skipped the front-end hold no set there.
+(it is the one process every change goes through), and a change is refused while a request admitted here and not
+yet finished uses the set (requests that skipped the front-end hold no set there): whichever of the two takes the
+lock first, a request is never steered with a set other than the one it was admitted with.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .spec import SteeringError, has_steering_args, parse_steering, referenced_s
 from .vllm_internals import UPDATE_SET_RPC, wrap
 
 OPTIONS_ATTR = "_emosteer_options"  # the engine core's options: its copy of the vector sets
+PENDING_ATTR = "_emosteer_admitted"  # req_id -> its extra_args, from admission until the scheduler holds the request
 _lock = threading.Lock()  # admission runs on vLLM's input thread, set changes on its busy loop
 
 
@@ -45,18 +47,17 @@ def options_of(core):
 
 
 def check_request(core, request) -> None:
-    """Refuse a request whose steering stamp is not the one its steering fields and the current sets give."""
+    """Refuse a request whose steering stamp is not the one its steering fields and the current sets give (the
+    caller holds the lock)."""
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
     if not isinstance(extra, dict) or (CACHE_KEY not in extra and not has_steering_args(extra)):
         return
-    with _lock:
-        options = options_of(core)
+    options = options_of(core)
     if options is None:
         raise SteeringError("this engine was started without steering; its requests cannot carry steering fields",
                             "emosteer")
     stamp = extra.get(CACHE_KEY)
-    with _lock:
-        expected = expected_stamp(options, {k: v for k, v in extra.items() if k != CACHE_KEY})
+    expected = expected_stamp(options, {k: v for k, v in extra.items() if k != CACHE_KEY})
     if stamp is None and expected is None:  # steering fields that steer nothing (every intensity 0)
         return
     if stamp is None:
@@ -69,16 +70,18 @@ def check_request(core, request) -> None:
 
 
 def users_of(core, name: str) -> list[str]:
-    """Requests in the engine core's scheduler whose steering names the set."""
+    """Requests admitted and not yet finished whose steering names the set: in the scheduler, or admitted on the
+    input thread and not yet handed to it."""
     default = options_of(core).sets.default.name
-    requests = getattr(core.scheduler, "requests", {})
-    return [req_id for req_id, request in requests.items()
-            if name in {s or default for s in referenced_sets(getattr(request.sampling_params, "extra_args", None))}]
+    extras = {req_id: getattr(r.sampling_params, "extra_args", None)
+              for req_id, r in getattr(core.scheduler, "requests", {}).items()}
+    extras.update(getattr(core, PENDING_ATTR, {}))
+    return [req_id for req_id, extra in extras.items() if name in {s or default for s in referenced_sets(extra)}]
 
 
 def follow_set_update(core, original, method, args):
-    """Run the set-update RPC on the workers, refused while a scheduled request uses the set; then update the engine
-    core's copy the same way."""
+    """Run the set-update RPC on the workers, refused while an admitted, unfinished request uses the set; then update
+    the engine core's copy the same way."""
     name, vectors, metadata, source = args
     with _lock:
         users = users_of(core, name)
@@ -101,10 +104,30 @@ def install() -> list[str]:
 
     def make_preprocess(original):
         def preprocess_add_request(self, request, *args, **kwargs):
-            check_request(self, request)
-            return original(self, request, *args, **kwargs)
+            extra = getattr(request.sampling_params, "extra_args", None)
+            with _lock:
+                check_request(self, request)
+                pending = self.__dict__.setdefault(PENDING_ATTR, {})
+                if has_steering_args(extra):
+                    pending[request.request_id] = extra
+            try:
+                return original(self, request, *args, **kwargs)
+            except BaseException:
+                with _lock:
+                    pending.pop(request.request_id, None)
+                raise
 
         return preprocess_add_request
+
+    def make_add(original):
+        def add_request(self, request, *args, **kwargs):
+            try:
+                return original(self, request, *args, **kwargs)
+            finally:
+                with _lock:
+                    getattr(self, PENDING_ATTR, {}).pop(request.request_id, None)
+
+        return add_request
 
     def make_rpc(original):
         def collective_rpc(self, method, timeout=None, args=(), kwargs=None, *more, **more_kwargs):
@@ -117,4 +140,5 @@ def install() -> list[str]:
 
         return collective_rpc
 
-    return [wrap(EngineCore, "preprocess_add_request", make_preprocess), wrap(EngineCore, "collective_rpc", make_rpc)]
+    return [wrap(EngineCore, "preprocess_add_request", make_preprocess), wrap(EngineCore, "add_request", make_add),
+            wrap(EngineCore, "collective_rpc", make_rpc)]

@@ -97,6 +97,7 @@ INTERNALS = (
     Internal("vllm.v1.engine.core", "EngineCore", "class", attrs=("scheduler", "vllm_config"), used_by="admission.py"),
     Internal("vllm.v1.engine.core", "EngineCore.preprocess_add_request", "method", ("request",),
              used_by="admission.py"),
+    Internal("vllm.v1.engine.core", "EngineCore.add_request", "method", ("request",), used_by="admission.py"),
     Internal("vllm.v1.engine.core", "EngineCore.collective_rpc", "method", ("method", "timeout", "args", "kwargs"),
              used_by="admission.py"),
     Internal("vllm.v1.core.sched.scheduler", "Scheduler", "class", attrs=("requests",), used_by="admission.py"),
