@@ -158,10 +158,10 @@ def test_unload_is_refused_while_a_request_uses_the_set(llm, allowed):
     engine = llm.llm_engine
     load_set(llm, "busy", "style.safetensors")
     engine.add_request("busy-1", prompt(20, 4), params(steer(set="busy", pirate=1.0), max_tokens=4))
-    with pytest.raises(SetUpdateError, match="used by 1 unfinished request.s. in the engine core") as refused:
+    with pytest.raises(SetUpdateError, match="used by 1 unfinished request") as refused:
         unload_set(llm, "busy")
     assert refused.value.status == 409
-    with pytest.raises(SetUpdateError, match="used by 1 unfinished request.s. in the engine core"):
+    with pytest.raises(SetUpdateError, match="used by 1 unfinished request"):
         load_set(llm, "busy", "other.safetensors", replace=True)
     finished = []
     while engine.has_unfinished_requests():
@@ -270,30 +270,18 @@ def test_runtime_changes_are_refused_with_several_api_servers(tiny_llama, tiny_b
         assert refused.value.status == 403
 
 
-def test_a_set_used_by_a_request_that_skipped_the_front_end_is_not_changed(llm, allowed):
-    """The front-end counts the requests it validated; a pre-built EngineCoreRequest (with the right key) is counted
-    by the engine core (admission.py), which refuses the change while the request is unfinished."""
-    import time
-
-    from vllm.v1.engine import EngineCoreRequest
-
-    from vllm_emosteer.engine.admission import expected_stamp
-    from vllm_emosteer.engine.options import frontend_options
-    from vllm_emosteer.engine.prefix_cache import CACHE_KEY
+def test_the_engine_core_refuses_to_change_a_set_an_unfinished_request_uses(llm, allowed, sets_dir):
+    """The front-end refuses first (above); the engine core, which every change and every request passes (requests of
+    other front-ends too), refuses as well (admission.py): here the set-update RPC is sent without the front-end."""
+    from vllm_emosteer.engine.sets import update_args
+    from vllm_emosteer.engine.vllm_internals import UPDATE_SET_RPC
 
     engine = llm.llm_engine
-    extra = steer(set="style", pirate=1.0)
-    sampling = params({**extra, CACHE_KEY: expected_stamp(frontend_options(engine.input_processor), extra)},
-                      max_tokens=150)
-    sampling.output_kind = 2  # RequestOutputKind.FINAL_ONLY
-    request = EngineCoreRequest(request_id="pre-built-style", prompt_token_ids=prompt(20, 4)["prompt_token_ids"],
-                                mm_features=None, sampling_params=sampling, pooling_params=None,
-                                arrival_time=time.time(), lora_request=None, cache_salt=None, data_parallel_rank=None)
-    engine.add_request(request.request_id, request, sampling)
-    with pytest.raises(SetUpdateError, match="used by 1 unfinished request.s. in the engine core"):
-        load_set(llm, "style", "style.safetensors", replace=True)
+    engine.add_request("uses-style", prompt(20, 4), params(steer(set="style", pirate=1.0), max_tokens=150))
+    bank = EmotionBank.load(sets_dir / "other.safetensors")
+    with pytest.raises(Exception, match="used by 1 unfinished request.s. in the engine core"):
+        llm.collective_rpc(UPDATE_SET_RPC, args=update_args("style", bank, "other.safetensors"))
     finished = []
     while engine.has_unfinished_requests():
         finished += [o for o in engine.step() if o.finished]
     assert [o.outputs[0].finish_reason for o in finished] == ["length"]
-    assert load_set(llm, "style", "style.safetensors", replace=True)["name"] == "style"  # once it has finished
