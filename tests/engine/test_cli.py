@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import RUNNER
 
 from vllm_emosteer.vectors.bank import EmotionBank
 from vllm_emosteer.vectors.interop import export_gguf
@@ -75,6 +76,9 @@ def test_usage_errors():
     assert bad_emotion.returncode == 2 and "unknown emotion(s) ['love']" in bad_emotion.stderr
 
 
+@pytest.mark.skipif(RUNNER == "v2", reason="vLLM's top-k/top-p Triton kernel does not run under Triton's interpreter "
+                                           "(a tl.range index is a Python int there), steered or not; the greedy demo "
+                                           "runs on both runners in test_runners.py")
 def test_demo_runs_and_closes_with_the_claims_verdict():
     result = run("demo", "--max-tokens", "8")
     assert result.returncode == 0, result.stderr[-2000:]
