@@ -79,7 +79,7 @@ def users_of(core, name: str) -> list[str]:
     return [req_id for req_id, extra in extras.items() if name in {s or default for s in referenced_sets(extra)}]
 
 
-def follow_set_update(core, original, method, args):
+def follow_set_update(core, original, args):
     """Run the set-update RPC on the workers, refused while an admitted, unfinished request uses the set; then update
     the engine core's copy the same way."""
     name, vectors, metadata, source = args
@@ -135,7 +135,7 @@ def install() -> list[str]:
                 return original(self, method, timeout, args, kwargs, *more, **more_kwargs)
 
             if method == UPDATE_SET_RPC and is_enabled(self.vllm_config):
-                return follow_set_update(self, call, method, args)
+                return follow_set_update(self, call, args)
             return call()
 
         return collective_rpc
