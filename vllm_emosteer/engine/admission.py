@@ -33,7 +33,7 @@ _lock = threading.Lock()  # admission runs on vLLM's input thread, set changes o
 def expected_stamp(options, extra_args) -> list | None:
     """The stamp the front-end gives a request with these extra_args (None: unsteered), or a SteeringError."""
     spec = parse_steering(extra_args, options.limits)
-    return None if spec is None else cache_entry(options.sets.digests_of(spec), spec)
+    return None if spec is None else cache_entry(options.sets, spec)
 
 
 def options_of(core):
@@ -57,7 +57,7 @@ def check_request(core, request) -> None:
         raise SteeringError("this engine was started without steering; its requests cannot carry steering fields",
                             "emosteer")
     stamp = extra.get(CACHE_KEY)
-    expected = expected_stamp(options, {k: v for k, v in extra.items() if k != CACHE_KEY})
+    expected = expected_stamp(options, extra)  # the parse ignores CACHE_KEY itself
     if stamp is None and expected is None:  # steering fields that steer nothing (every intensity 0)
         return
     if stamp is None:

@@ -37,8 +37,9 @@ CACHE_KEY = "_emosteer_cache"  # in extra_args: [key, positions]; set by the fro
 TAG = "emosteer"  # the first element of a steering block key
 
 
-def cache_entry(set_digests: str, spec: SteeringSpec) -> list:
-    return [f"{set_digests}-{spec.fingerprint()}", spec.positions]
+def cache_entry(sets, spec: SteeringSpec) -> list:
+    """The CACHE_KEY entry of a request steered by `spec` under `sets` (a VectorSets registry)."""
+    return [f"{sets.digests_of(spec)}-{spec.fingerprint()}", spec.positions]
 
 
 def steering_block_key(request, end_token_idx: int) -> tuple | None:

@@ -70,7 +70,7 @@ def process_inputs(processor, original, request_id, prompt, params, args, kwargs
         if spec is not None:
             sets = frontend_options(processor).sets
             token = usage.hold(spec.set_names(sets.default.name))
-            entry = cache_entry(sets.digests_of(spec), spec)
+            entry = cache_entry(sets, spec)
     try:
         request = original(processor, request_id, prompt, params, *args, **kwargs)
     except BaseException:

@@ -3,7 +3,7 @@ anything is scheduled). SteeringError is a ValueError for `LLM` and an HTTP 400 
 
 from __future__ import annotations
 
-import os
+from vllm import envs
 
 from ..options import EmosteerConfigError, EmosteerOptions, frontend_options, is_enabled
 from ..prefix_cache import CACHE_KEY
@@ -26,7 +26,7 @@ def check_engine_features(config, options: EmosteerOptions) -> None:
     if getattr(parallel, "prefill_context_parallel_size", 1) > 1:
         problems.append("prefill context parallelism splits tokens across ranks")
     problems += speculative_problems(config.speculative_config, options)
-    if os.environ.get("VLLM_USE_RUST_FRONTEND", "0").lower() in ("1", "true"):
+    if getattr(envs, "VLLM_USE_RUST_FRONTEND", False):  # read as vLLM reads it
         problems.append("the Rust front-end (VLLM_USE_RUST_FRONTEND) does not run the plugin's request checks, so the "
                         "engine core would refuse every steered request")
     if getattr(getattr(config, "cache_config", None), "kv_sharing_fast_prefill", False):

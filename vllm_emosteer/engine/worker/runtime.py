@@ -120,7 +120,7 @@ class SteeringRuntime:
             stamp = extra.get(CACHE_KEY) if isinstance(extra, dict) else None
             if spec is None and stamp is None:
                 return None
-            if spec is None or stamp is None or list(stamp) != cache_entry(self.options.sets.digests_of(spec), spec):
+            if spec is None or stamp is None or list(stamp) != cache_entry(self.options.sets, spec):
                 raise SteeringError(f"its {CACHE_KEY!r} does not match its steering under this worker's sets",
                                     CACHE_KEY)
             return spec, self.options.sets.coefficients(spec).numpy()
